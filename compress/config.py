@@ -1,0 +1,110 @@
+"""Typed stage configs, shared by the CLI, recipes and the Python API.
+
+Each stage declares one pydantic model deriving from `StageConfig`. Unknown keys are
+errors (`extra="forbid"`), so a typo in a recipe or a `--set` fails loudly. The CLI
+arguments are generated from the same fields, so the parameter list exists once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Any, ClassVar, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from compress.errors import UserError
+
+
+class StageConfig(BaseModel):
+    """Base class of every stage config."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Fields given on the command line without a flag (e.g. `compress bench ART ART`).
+    positional: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def parse(cls, values: dict[str, Any], where: str = "") -> "StageConfig":
+        """Validate `values`, turning pydantic's errors into one readable `UserError`."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            raise UserError(describe_validation_error(cls, err, where)) from None
+
+
+def describe_validation_error(cls: type[BaseModel], err: ValidationError, where: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        field = cls.model_fields.get(str(e["loc"][0])) if e["loc"] else None
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(cls.model_fields))
+            lines.append(f"unknown key '{key}' (allowed keys: {allowed})")
+            continue
+        hint = ""
+        if field is not None:
+            choices = _literal_choices(field.annotation)
+            if choices:
+                hint = f" (allowed values: {', '.join(map(str, choices))})"
+        value = e.get("input")
+        lines.append(f"key '{key}' = {value!r}: {e['msg']}{hint}")
+    prefix = f"{where}: " if where else ""
+    return f"{prefix}invalid {cls.__name__}: " + "; ".join(lines) + "."
+
+
+def _literal_choices(annotation: Any) -> tuple | None:
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    for arg in get_args(annotation):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return None
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """The non-None type inside Optional[...] / X | None."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], skip: tuple[str, ...] = ()) -> None:
+    """Add one `--flag` per config field. Help text is the field's description."""
+    for name, field in cls.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        ann = _scalar_type(field.annotation)
+        if name in cls.positional:
+            many = get_origin(ann) in (list, tuple)
+            parser.add_argument(name, nargs="+" if many else None, help=field.description)
+            continue
+        default = field.default if not field.is_required() else None
+        help_ = (field.description or "") + ("" if field.is_required() else f" [default: {default}]")
+        choices = _literal_choices(field.annotation)
+        if ann is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif choices:
+            parser.add_argument(flag, dest=name, choices=[str(c) for c in choices], default=None, help=help_,
+                                required=field.is_required())
+        else:
+            # Everything else arrives as a string and pydantic coerces it (ints, floats, lists
+            # given as comma-separated strings are split below).
+            parser.add_argument(flag, dest=name, default=None, help=help_, required=field.is_required())
+
+
+def from_args(cls: type[StageConfig], args: argparse.Namespace) -> StageConfig:
+    values: dict[str, Any] = {}
+    for name, field in cls.model_fields.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ann = _scalar_type(field.annotation)
+        if get_origin(ann) in (list, tuple) and isinstance(v, str) and name not in cls.positional:
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        values[name] = v
+    return cls.parse(values, where="command line")

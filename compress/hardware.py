@@ -1,0 +1,104 @@
+"""What this machine can do: CPU instruction sets, GPU, threads; the precision to use.
+
+Precision is chosen from what the hardware supports, never assumed: bf16 autocast is
+only fast on CPUs with AMX or AVX512-BF16, and fp16 only exists on CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from typing import Literal
+
+from compress.errors import UserError
+
+ISA_FLAGS = {  # /proc/cpuinfo flag -> the name people know
+    "avx2": "AVX2",
+    "avx512f": "AVX512F",
+    "avx512_vnni": "AVX512-VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "avx512_bf16": "AVX512-BF16",
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+    "asimd": "NEON",
+    "sve": "SVE",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """CPU model name, logical cores and the instruction-set flags that matter for ML."""
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = [name for flag, name in ISA_FLAGS.items() if flag in flags]
+    return {"model": model, "arch": platform.machine(), "logical_cores": os.cpu_count(), "isa": isa}
+
+
+def has_fast_bf16_cpu() -> bool:
+    isa = set(cpu_info()["isa"])
+    return bool(isa & {"AMX-BF16", "AVX512-BF16"})
+
+
+def has_vnni() -> bool:
+    return bool(set(cpu_info()["isa"]) & {"AVX512-VNNI", "AVX-VNNI", "AMX-INT8"})
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here. Use --device cpu or auto.")
+    return device
+
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' -> bf16 where the hardware runs it fast, else fp32; fp16 only on CUDA."""
+    import torch
+
+    if precision == "auto":
+        if device == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if has_fast_bf16_cpu() else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise UserError("fp16 training needs a CUDA GPU; on the CPU use --precision bf16 (fast with AMX/AVX512-BF16) or fp32.")
+    return precision
+
+
+def autocast(device: str, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def gpu_info() -> dict | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.get_device_properties(0)
+    return {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1),
+            "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda}

@@ -1,0 +1,344 @@
+"""The one training loop. `compress train` and `compress distill` both call `fit`;
+distillation only plugs in a different loss and extra trainable modules.
+
+What it does: AdamW with warm-up and linear/cosine decay, weight decay, gradient
+clipping and accumulation; bf16/fp16 autocast where the hardware supports it;
+evaluation on the validation split each epoch (or every N steps), best weights kept,
+early stopping; a progress bar with loss, samples/s and ETA; a JSONL log; atomic
+checkpoints so that Ctrl-C or kill -9 can continue with `--resume`; DDP under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+from pydantic import Field
+
+from compress import distributed as dist
+from compress.data import DataConfig, EncodedSplit, bucketed_batches, collate
+from compress.errors import UserError
+from compress.hardware import autocast, resolve_device, resolve_precision
+
+LossFn = Callable[[Any, dict], tuple[Any, dict[str, float]]]
+
+
+class LoopConfig(DataConfig):
+    """Optimisation settings shared by train and distill."""
+
+    epochs: int = Field(3, ge=1, description="passes over the training split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(32, ge=1, description="examples per optimizer step across all processes, before accumulation")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    eval_batch_size: int = Field(128, ge=1, description="examples per evaluation batch")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and LayerNorm)")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps spent warming up the learning rate")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay after warm-up")
+    grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0 = off)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 on AMX/AVX512-BF16 CPUs and CUDA, else fp32")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
+    threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores)")
+    seed: int = Field(0, description="seed for initialisation, shuffling and dropout")
+    eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0 = at the end of each epoch)")
+    patience: int = Field(0, ge=0, description="stop after this many evaluations without improvement (0 = never)")
+    checkpoint_every: int = Field(100, ge=0, description="save a resumable checkpoint every N optimizer steps (0 = each epoch)")
+    resume: bool = Field(False, description="continue an interrupted run from its last checkpoint")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+@dataclass
+class FitResult:
+    best_metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds_per_epoch: float = 0.0
+    train_samples_per_s: float = 0.0
+    steps: int = 0
+
+
+def predict_logits(model, split: EncodedSplit, pad_id: int, *, batch_size: int = 128, device: str = "cpu",
+                   precision: str = "fp32", shard: bool = False) -> np.ndarray:
+    """Logits for every example of `split`, in the split's order.
+
+    With `shard` under DDP each rank scores a slice and the slices are gathered.
+    """
+    import torch
+
+    batches = bucketed_batches(split.lengths, batch_size, shuffle=False)
+    if shard and dist.world_size() > 1:
+        batches = batches[dist.rank()::dist.world_size()]
+    raw = model.module if hasattr(model, "module") else model
+    was_training = raw.training
+    raw.eval()
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    with torch.inference_mode(), autocast(device.split(":")[0], precision):
+        for idx in batches:
+            b = collate(split, idx, pad_id)
+            inputs = {k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            parts.append((idx, raw(**inputs).logits.float().cpu().numpy()))
+    raw.train(was_training)
+    if shard and dist.world_size() > 1:
+        parts = [p for chunk in dist.all_gather_objects(parts) for p in chunk]
+    num = parts[0][1].shape[-1]
+    out = np.zeros((len(split), num), dtype=np.float32)
+    for idx, logits in parts:
+        out[idx] = logits
+    return out
+
+
+def default_loss(model, batch: dict) -> tuple[Any, dict[str, float]]:
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+    loss = model(**inputs).loss
+    return loss, {}
+
+
+def _param_groups(modules: list, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for m in modules:
+        for name, p in m.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Checkpoint:
+    """An atomic, resumable snapshot of the run in `<work>/checkpoint`."""
+
+    def __init__(self, work: Path):
+        self.dir = work / "checkpoint"
+
+    def exists(self) -> bool:
+        return (self.dir / "state.json").is_file()
+
+    def save(self, model, extra, optimizer, scheduler, scaler, state: dict) -> None:
+        import torch
+        from safetensors.torch import save_model
+
+        tmp = self.dir.with_name("checkpoint.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        if extra is not None:
+            save_model(extra, str(tmp / "extra.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": torch.get_rng_state()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+        old = self.dir.with_name("checkpoint.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            os.replace(self.dir, old)
+        os.replace(tmp, self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, model, extra, optimizer, scheduler, scaler) -> dict:
+        import torch
+        from safetensors.torch import load_model
+
+        load_model(model, str(self.dir / "model.safetensors"))
+        if extra is not None:
+            load_model(extra, str(self.dir / "extra.safetensors"))
+        blob = torch.load(self.dir / "optim.pt", weights_only=True)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        if scaler is not None and blob["scaler"] is not None:
+            scaler.load_state_dict(blob["scaler"])
+        torch.set_rng_state(blob["rng"])
+        return json.loads((self.dir / "state.json").read_text())
+
+
+def prepare_work_dir(work: Path, resume: bool, force: bool) -> None:
+    """Refuse to silently mix a new run with an unfinished one."""
+    if dist.is_main() and work.exists() and not resume:
+        if not force and _Checkpoint(work).exists():
+            raise UserError(
+                f"An unfinished run of this output exists in '{work}'. Pass --resume to continue it, or "
+                "--force to discard it and start again."
+            )
+        shutil.rmtree(work, ignore_errors=True)
+    if dist.is_main():
+        work.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+
+def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: LoopConfig, work: Path,
+        loss_fn: LossFn = default_loss, extra=None, num_labels: int, metric: str = "accuracy") -> FitResult:
+    """Train `model` (and the trainable `extra` modules) in place; load the best weights at the end.
+
+    Args:
+        model: the model to train; the one whose best weights are kept.
+        train, val: tokenised splits.
+        cfg: optimisation settings.
+        work: run directory for checkpoints and the JSONL log (`<out>.work`).
+        loss_fn: (model, batch) -> (loss, {name: value}); distillation passes its own.
+        extra: an nn.Module of additional trainable parameters (e.g. projections).
+        metric: validation metric that selects the best weights (higher is better).
+    Returns:
+        FitResult with the best validation metrics, the evaluation history and speed figures.
+    """
+    import torch
+    from safetensors.torch import load_model, save_model
+    from transformers import get_scheduler
+
+    from compress.metrics import classification_metrics
+
+    device = dist.setup(resolve_device(cfg.device))
+    precision = resolve_precision(cfg.precision, device.split(":")[0])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world, rank = dist.world_size(), dist.rank()
+    if cfg.batch_size % world:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world}).")
+    model.to(device)
+    if extra is not None:
+        extra.to(device)
+    model.train()
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[int(device.split(":")[1])] if ":" in device else None)
+
+    modules = [model] + ([extra] if extra is not None else [])
+    optimizer = torch.optim.AdamW(_param_groups(modules, cfg.weight_decay), lr=cfg.lr,
+                                  fused=device.startswith("cuda"))
+    n_batches = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    ckpt = _Checkpoint(work)
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": -math.inf, "best_metrics": {},
+             "bad_evals": 0, "history": [], "train_seconds": 0.0, "train_samples": 0}
+    if cfg.resume and ckpt.exists():
+        state = ckpt.load(model, extra, optimizer, scheduler, scaler)
+        if dist.is_main():
+            print(f"resuming from step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
+    log_path = work / "log.jsonl"
+
+    def log(record: dict) -> None:
+        if dist.is_main():
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate_now() -> bool:
+        """Evaluate, keep the best weights; return True when early stopping triggers."""
+        logits = predict_logits(model, val, pad_id, batch_size=cfg.eval_batch_size, device=device,
+                                precision=precision, shard=True)
+        metrics = classification_metrics(logits, val.labels, num_labels)
+        record = {"step": state["step"], "epoch": state["epoch"] + state["batch_in_epoch"] / n_batches,
+                  **{f"val_{k}": v for k, v in metrics.items()}}
+        state["history"].append(record)
+        log({"event": "eval", **record})
+        if metrics[metric] > state["best"]:
+            state.update(best=metrics[metric], best_metrics=metrics, bad_evals=0)
+            if dist.is_main():
+                save_model(model, str(work / "best.safetensors"))
+        else:
+            state["bad_evals"] += 1
+        if dist.is_main() and cfg.progress:
+            print(f"  step {state['step']}: val {metric} {metrics[metric]:.4f} (best {state['best']:.4f})")
+        return bool(cfg.patience and state["bad_evals"] >= cfg.patience)
+
+    def save_checkpoint() -> None:
+        if dist.is_main():
+            ckpt.save(model, extra, optimizer, scheduler, scaler, state)
+        dist.barrier()
+
+    from tqdm.auto import tqdm
+
+    stop = False
+    try:
+        while state["epoch"] < epochs and not stop:
+            epoch = state["epoch"]
+            batches = bucketed_batches(train.lengths, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+            start_batch = state["batch_in_epoch"]
+            bar = tqdm(total=len(batches), initial=start_batch, desc=f"epoch {epoch + 1}/{epochs}",
+                       disable=not (cfg.progress and dist.is_main()), unit="batch", dynamic_ncols=True,
+                       mininterval=2.0)
+            t0, seen, running = time.perf_counter(), 0, []
+            for b in range(start_batch, len(batches)):
+                idx = batches[b][rank::world]
+                batch = {k: v.to(device) for k, v in collate(train, idx, pad_id).items()}
+                batch["index"] = torch.from_numpy(idx)
+                micro = (b % cfg.grad_accum) != cfg.grad_accum - 1 and b != len(batches) - 1
+                sync = ddp_model.no_sync() if (world > 1 and micro) else contextlib.nullcontext()
+                with sync:
+                    with autocast(device.split(":")[0], precision):
+                        loss, parts = loss_fn(ddp_model, batch)
+                    scaled = loss / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                running.append(float(loss.detach()))
+                seen += len(idx) * world
+                state["batch_in_epoch"] = b + 1
+                bar.update(1)
+                if micro:
+                    continue
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", samples_s=f"{seen / max(elapsed, 1e-9):.0f}",
+                                refresh=False)
+                if state["step"] % 10 == 0:
+                    log({"event": "train", "step": state["step"], "epoch": epoch + (b + 1) / len(batches),
+                         "loss": float(np.mean(running[-10:])), "lr": scheduler.get_last_lr()[0],
+                         "samples_per_s": seen / max(elapsed, 1e-9), **parts})
+                if cfg.eval_every and state["step"] % cfg.eval_every == 0:
+                    stop = evaluate_now()
+                if state["step"] >= total_steps or stop:
+                    break
+                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                    state["train_seconds"] += time.perf_counter() - t0
+                    state["train_samples"] += seen
+                    t0, seen = time.perf_counter(), 0
+                    save_checkpoint()
+            bar.close()
+            state["train_seconds"] += time.perf_counter() - t0
+            state["train_samples"] += seen
+            finished_epoch = state["batch_in_epoch"] >= len(batches)
+            if finished_epoch:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+            if not cfg.eval_every or not state["history"] or state["history"][-1]["step"] != state["step"]:
+                stop = evaluate_now() or stop
+            if state["step"] >= total_steps:
+                stop = True
+            save_checkpoint()
+    except KeyboardInterrupt:
+        if dist.is_main():
+            save_checkpoint()
+            raise UserError(
+                f"Interrupted at step {state['step']}. The run is saved in '{work}'; run the same command "
+                "with --resume to continue."
+            ) from None
+        raise
+
+    if (work / "best.safetensors").is_file():
+        dist.barrier()
+        load_model(model, str(work / "best.safetensors"))
+    epochs_done = max(state["step"] / steps_per_epoch, 1e-9)
+    return FitResult(best_metrics=state["best_metrics"], history=state["history"],
+                     seconds_per_epoch=state["train_seconds"] / epochs_done,
+                     train_samples_per_s=state["train_samples"] / max(state["train_seconds"], 1e-9),
+                     steps=state["step"])
+

