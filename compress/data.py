@@ -368,8 +368,10 @@ class EncodedSplit:
     """A tokenised split held as Python lists: fast random access for the batcher."""
 
     def __init__(self, ds):
-        self.input_ids: list[list[int]] = ds["input_ids"]
-        self.token_type_ids: list[list[int]] | None = ds["token_type_ids"] if "token_type_ids" in ds.column_names else None
+        # datasets >= 4 returns lazy Column objects; lists make per-example access cheap.
+        self.input_ids: list[list[int]] = list(ds["input_ids"])
+        self.token_type_ids: list[list[int]] | None = (list(ds["token_type_ids"]) if "token_type_ids" in ds.column_names
+                                                       else None)
         self.labels = np.asarray(ds["labels"], dtype=np.int64)
         self.lengths = np.asarray([len(x) for x in self.input_ids], dtype=np.int64)
 

@@ -61,7 +61,7 @@ def train(cfg: TrainConfig) -> Path:
     source = resolve_model(cfg.model)
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_classifier(source, label_names=data.label_names,
-                                        train_texts=data["train"]["text"] if source.kind == "spec" else None,
+                                        train_texts=list(data["train"]["text"]) if source.kind == "spec" else None,
                                         trust_remote_code=cfg.trust_remote_code)
     enc = encode(data, tokenizer, cfg.max_length)
     prepare_work_dir(work, cfg.resume, cfg.force)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models trained on a slice of the real data, in seconds.
+
+Session-scoped so that the default suite trains each tiny model once.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY_SPEC = "bert:layers=2,hidden=64,heads=4,ff=128,vocab=1500"
+
+
+def tiny_train(out: Path, **overrides) -> Path:
+    from compress.train import TrainConfig, train
+
+    cfg = dict(model=TINY_SPEC, dataset="rt-snippets", max_examples=400, epochs=2, batch_size=32, lr=2e-3,
+               out=str(out), progress=False, precision="fp32", threads=2)
+    cfg.update(overrides)
+    return train(TrainConfig(**cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide BERT classifier trained from scratch on 400 rt-snippets examples."""
+    return tiny_train(tmp_path_factory.mktemp("tiny") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def tiny_csv_dir(tmp_path_factory) -> Path:
+    """train/validation/test CSV files with string labels, taken from the real data."""
+    from compress.data import DataConfig, load_data
+
+    data = load_data(DataConfig(max_examples=120))
+    d = tmp_path_factory.mktemp("csv")
+    for split in ("train", "validation", "test"):
+        df = data[split].to_pandas()
+        df["sentiment"] = df["label"].map({0: "neg", 1: "pos"})
+        df[["text", "sentiment"]].rename(columns={"text": "review"}).to_csv(d / f"{split}.csv", index=False)
+    return d
