@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"compress {name}: interrupted.", file=sys.stderr)
         return 130
+    finally:
+        from compress import distributed
+
+        distributed.teardown()
 
 
 if __name__ == "__main__":

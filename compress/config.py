@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], skip:
     for name, field in cls.model_fields.items():
         if name in skip:
             continue
-        flag = "--" + name.replace("_", "-")
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        flag = extra.get("flag", "--" + name.replace("_", "-"))
         ann = _scalar_type(field.annotation)
         if name in cls.positional:
             many = get_origin(ann) in (list, tuple)
@@ -86,7 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], skip:
         default = field.default if not field.is_required() else None
         help_ = (field.description or "") + ("" if field.is_required() else f" [default: {default}]")
         choices = _literal_choices(field.annotation)
-        if ann is bool:
+        if extra.get("repeat"):
+            parser.add_argument(flag, dest=name, action="append", default=None, help=help_)
+        elif ann is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif choices:
             parser.add_argument(flag, dest=name, choices=[str(c) for c in choices], default=None, help=help_,
@@ -104,7 +107,27 @@ def from_args(cls: type[StageConfig], args: argparse.Namespace) -> StageConfig:
         if v is None:
             continue
         ann = _scalar_type(field.annotation)
-        if get_origin(ann) in (list, tuple) and isinstance(v, str) and name not in cls.positional:
+        if get_origin(ann) in (list, tuple) and isinstance(v, str):
             v = [s.strip() for s in v.split(",") if s.strip()]
         values[name] = v
     return cls.parse(values, where="command line")
+
+
+def to_argv(cfg: StageConfig) -> list[str]:
+    """The command-line flags that reproduce `cfg` (non-default fields only)."""
+    argv: list[str] = []
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if name not in type(cfg).model_fields_set and not field.is_required():
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        flag = extra.get("flag", "--" + name.replace("_", "-"))
+        if name in type(cfg).positional:
+            argv[:0] = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        elif isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, ",".join(str(v) for v in value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv

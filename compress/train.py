@@ -55,8 +55,11 @@ def train(cfg: TrainConfig) -> Path:
     """
     import torch
 
+    from compress.hardware import resolve_device
+
     out = Path(cfg.out)
     work = check_output(out, cfg.force, cfg.resume)
+    dist.setup(resolve_device(cfg.device))  # before any rank touches the work directory
     data = load_data(cfg)
     source = resolve_model(cfg.model)
     torch.manual_seed(cfg.seed)
