@@ -146,6 +146,8 @@ def _load_file(path: Path):
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in many types
+        if "corresponds to no data" in str(err) or path.stat().st_size == 0:
+            raise UserError(f"The file '{path}' has no rows. Every split needs examples.") from None
         raise UserError(f"Cannot parse '{path}' as {kind}: {err}") from None
 
 
@@ -184,7 +186,8 @@ def _load_raw(source: str) -> dict[str, Any]:
                 f"({', '.join(FILE_TYPES)}) or a directory written by datasets.save_to_disk."
             )
         return found
-    if os.sep in source or source.startswith(".") or Path(source).suffix.lower() in FILE_TYPES:
+    # A hub name is `name` or `org/name`; anything else that does not exist is a wrong path.
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix.lower() in FILE_TYPES:
         raise UserError(f"The dataset path '{source}' does not exist. Check the path, or use the built-in name rt-snippets.")
     return _load_hub(source)
 

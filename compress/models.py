@@ -89,7 +89,7 @@ def resolve_model(model: str) -> ModelSource:
         return ModelSource("dir", str(path))
     if model.split(":", 1)[0] in SPEC_ARCHS and ":" in model:
         return ModelSource("spec", model, parse_size_spec(model))
-    if os.sep in model.strip("/") and model.count("/") > 1 or model.startswith((".", "/", "~")):
+    if model.count("/") > 1 or model.startswith((".", "/", "~")):
         raise UserError(f"The model directory '{model}' does not exist.")
     if hub_offline():
         raise UserError(
