@@ -44,7 +44,7 @@ class LoopConfig(DataConfig):
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps spent warming up the learning rate")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay after warm-up")
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0 = off)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 on AMX/AVX512-BF16 CPUs and CUDA, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 on CUDA and on AMX CPUs, else fp32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores)")
     seed: int = Field(0, description="seed for initialisation, shuffling and dropout")

@@ -20,7 +20,7 @@ def tiny_train(out: Path, **overrides) -> Path:
     from compress.train import TrainConfig, train
 
     cfg = dict(model=TINY_SPEC, dataset="rt-snippets", max_examples=400, epochs=2, batch_size=32, lr=2e-3,
-               out=str(out), progress=False, precision="fp32", threads=2)
+               out=str(out), progress=False, precision="fp32", threads=1)
     cfg.update(overrides)
     return train(TrainConfig(**cfg))
 

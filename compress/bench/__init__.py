@@ -1,0 +1,173 @@
+"""`compress bench`: accuracy, size, latency and memory of artifacts side by side.
+
+Each artifact is loaded through `compress.runners.load_runner` (any backend) and
+measured by `compress.bench.worker`, by default in a fresh process so that its peak
+memory is its own. The raw figures, the environment and a matmul-peak probe go into
+`results.json` (schema: docs/results-schema.md); derived figures (ratios to a baseline,
+roofline, notes) are added by `compress.bench.analysis`; `report.md` and `report.html`
+are rendered from that JSON alone by `compress.bench.report`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from compress.data import DataConfig
+from compress.errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+class BenchConfig(DataConfig):
+    """Benchmark artifacts on one dataset split and a grid of (batch size, sequence length)."""
+
+    positional = ("artifacts",)
+
+    artifacts: list[str] = Field(..., min_length=1, description="artifact directories to measure; name=path sets the display name")
+    out: str = Field(..., description="output directory for results.json, report.md and report.html")
+    baseline: str | None = Field(None, description="artifact (name or path) every figure is compared with; added to the list if absent")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where to run the artifacts")
+    batch_sizes: list[int] = Field([1, 32], description="batch sizes to time, comma-separated")
+    seq_lens: list[int] = Field([32, 128], description="sequence lengths to time (real texts padded/truncated to exactly this)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads for torch and ONNX Runtime (default: all logical cores)")
+    split: Literal["test", "validation"] = Field("test", description="split that accuracy is measured on and texts are taken from")
+    eval_batch_size: int = Field(64, ge=1, description="batch size for the accuracy pass")
+    warmup: int = Field(3, ge=0, description="untimed calls before each latency point")
+    budget_s: float = Field(3.0, gt=0, description="seconds of timed calls per latency point at most")
+    min_iters: int = Field(10, ge=3, description="fewest timed calls per point before it may stop early")
+    target_ci: float = Field(0.02, gt=0, lt=1, description="stop a point once the 95 percent interval of its median is within +/- this fraction")
+    isolate: bool = Field(True, description="measure each artifact in a fresh process (honest per-artifact peak memory; ~5 s start-up each)")
+    peak_probe: bool = Field(True, description="measure fp32/bf16/int8 matmul peaks first (~1-2 s) for the roofline ratios")
+    progress: bool = Field(True, description="print one line per artifact to stderr")
+    force: bool = Field(False, description="replace --out if it exists")
+
+    @field_validator("batch_sizes", "seq_lens")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(x < 1 for x in v):
+            raise ValueError("needs one or more positive integers, e.g. 1,32")
+        return list(dict.fromkeys(v))  # keep order, drop repeats
+
+
+def parse_artifacts(specs: list[str], baseline: str | None) -> tuple[list[tuple[str, Path]], str | None]:
+    """[(display name, directory)] and the baseline's name, from `name=path` or `path` specs.
+
+    A bare path is named after its directory; repeated names get -2, -3 appended.
+    """
+    from compress.runners import detect_format
+
+    def split(spec: str) -> tuple[str | None, Path]:
+        if "=" in spec and not Path(spec).exists():
+            name, _, path = spec.partition("=")
+            if not name or not path:
+                raise UserError(f"Cannot read the artifact '{spec}': write name=path or a plain directory path.")
+            return name, Path(path)
+        return None, Path(spec)
+
+    entries = [split(s) for s in specs]
+    base_index = None
+    if baseline:
+        bname, bpath = split(baseline)
+        for i, (name, path) in enumerate(entries):
+            same_path = bname is None and bpath.exists() and path.exists() and bpath.resolve() == path.resolve()
+            if same_path or (name or path.resolve().name) == (bname or baseline):
+                base_index = i
+                break
+        if base_index is None:  # the baseline is not among the artifacts: measure it too, first
+            entries.insert(0, (bname, bpath))
+            base_index = 0
+    names: list[str] = []
+    for name, path in entries:
+        detect_format(path)  # fails now, with its message, rather than after minutes of measuring
+        if name is not None and name in names:
+            raise UserError(f"Two artifacts are named '{name}'. Give each a distinct name with name=path.")
+        name = name or path.resolve().name
+        unique, k = name, 2
+        while unique in names:
+            unique, k = f"{name}-{k}", k + 1
+        names.append(unique)
+    out = [(n, p) for n, (_, p) in zip(names, entries)]
+    base_name = names[base_index] if base_index is not None else None
+    return out, base_name
+
+
+def _run_isolated(job: dict) -> dict:
+    """Run the worker in a fresh Python process and return its result (errors re-raised here)."""
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
+        job_path, out_path = Path(tmp, "job.json"), Path(tmp, "out.json")
+        job_path.write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", "compress.bench.worker", str(job_path), str(out_path)],
+                              capture_output=True, text=True, env=os.environ.copy())
+        if not out_path.is_file():
+            raise RuntimeError(f"The benchmark worker for '{job['name']}' died (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-4000:]}")
+        answer = json.loads(out_path.read_text())
+    if "error" in answer:
+        err = UserError(answer["error"])
+        err.exit_code = answer.get("exit_code", 2)
+        raise err
+    if "crash" in answer:
+        raise RuntimeError(f"The benchmark worker for '{job['name']}' failed:\n{answer['crash']}")
+    return answer["ok"]
+
+
+def _say(cfg: BenchConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"compress bench: {msg}", file=sys.stderr, flush=True)
+
+
+def bench(cfg: BenchConfig) -> dict:
+    """Measure every artifact of `cfg`; write results.json, report.md and report.html to cfg.out.
+
+    Returns:
+        The results dict written to results.json (schema in docs/results-schema.md).
+    """
+    from compress.artifacts import atomic_output
+    from compress.bench.analysis import derive
+    from compress.bench.environment import environment, load_average
+    from compress.bench.peak import matmul_peak
+    from compress.bench.report import write_reports
+    from compress.bench.worker import measure_artifact
+    from compress.hardware import resolve_device
+
+    device = resolve_device(cfg.device)
+    threads = cfg.threads or os.cpu_count()
+    artifacts, base_name = parse_artifacts(cfg.artifacts, cfg.baseline)
+    with atomic_output(cfg.out, cfg.force) as tmp:
+        env = environment(device, threads)
+        peak = None
+        if cfg.peak_probe:
+            peak = matmul_peak(device, threads)
+            _say(cfg, f"matmul peak: fp32 {peak['fp32_gflops']} GFLOP/s, bf16 {peak['bf16_gflops']}, "
+                      f"int8 {peak['int8_gops']} GOP/s ({peak['seconds']} s)")
+        measured = []
+        for i, (name, path) in enumerate(artifacts, 1):
+            _say(cfg, f"[{i}/{len(artifacts)}] {name} ({path})")
+            job = {"name": name, "path": str(path), "device": device, "threads": threads,
+                   "isolated": cfg.isolate, "config": cfg.model_dump(mode="json")}
+            measured.append(_run_isolated(job) if cfg.isolate else measure_artifact(job))
+        env["load_average_end"] = load_average()
+        results = {
+            "schema_version": SCHEMA_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": cfg.model_dump(mode="json"),
+            "dataset": {"source": cfg.dataset, "split": cfg.split, "max_length": cfg.max_length},
+            "baseline": base_name,
+            "environment": env,
+            "peak": peak,
+            "artifacts": measured,
+        }
+        derive(results)
+        Path(tmp, "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_reports(results, tmp)
+    _say(cfg, f"wrote {Path(cfg.out) / 'report.md'} and report.html")
+    return results

@@ -1,0 +1,223 @@
+"""Figures derived from the raw measurements: FLOPs and roofline, ratios to the baseline,
+the Pareto front, and plain-language notes where a compressed model is slower.
+
+All functions here are pure: they read and extend a results dict, so `compress report`
+can recompute nothing and still render the same tables, and tests need no model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.bench.flops import flops_per_inference
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
+QUANTIZED = ("int8", "int4")
+# Which measured matmul peak an artifact of each precision is held against. fp16 uses the
+# bf16 figure: both are 16-bit tensor-core/AMX paths where they exist.
+PEAK_KEY = {"fp32": "fp32_gflops", "bf16": "bf16_gflops", "fp16": "bf16_gflops", "int8": "int8_gops"}
+SMALL_WORK_TOKENS = 256  # batch*seq at or below which quantize/dequantize overhead dominates
+
+
+def artifact_precision(manifest: dict, fmt: str) -> str:
+    """The arithmetic an artifact computes in: fp32, bf16, fp16, int8 or int4.
+
+    Read from the manifest: an explicit `precision` key wins, then a 16-bit `dtype`;
+    a quantize-stage artifact is int8 unless its method names 4-bit or 16-bit
+    (bnb-nf4, bnb-fp4, bf16, fp16); the runner's format is the last resort.
+    """
+    explicit = str(manifest.get("precision") or "").lower()
+    if explicit in PRECISIONS:
+        return explicit
+    dtype = str(manifest.get("dtype") or "").lower()
+    if dtype in ("bf16", "fp16"):
+        return dtype
+    if manifest.get("stage") == "quantize" or fmt in ("bnb", "torch-int8"):
+        method = " ".join(str(m) for m in (manifest.get("method"), (manifest.get("config") or {}).get("method")) if m)
+        method = method.lower()
+        if any(w in method for w in ("nf4", "fp4", "4bit", "int4")):
+            return "int4"
+        for p in ("bf16", "fp16"):
+            if p in method:
+                return p
+        return "int8"
+    for p in ("bf16", "fp16", "int8", "int4"):
+        if fmt.lower().endswith(p):
+            return p
+    return "fp32"
+
+
+def point_key(point: dict) -> tuple[int, int]:
+    return point["batch_size"], point["seq_len"]
+
+
+def headline_point(results: dict) -> tuple[int, int] | None:
+    """The (batch, seq) plotted against accuracy: the smallest batch at the longest sequence,
+    i.e. online inference on a full-length input."""
+    points = {point_key(p) for a in results.get("artifacts", []) for p in a.get("latency", [])}
+    if not points:
+        return None
+    batch = min(b for b, _ in points)
+    return batch, max(s for b, s in points if b == batch)
+
+
+def pareto_front(items: list[tuple[float, float]]) -> list[bool]:
+    """For (latency, accuracy) pairs: True where no other item is at least as fast and as
+    accurate and strictly better in one of the two."""
+    front = []
+    for i, (lat, acc) in enumerate(items):
+        dominated = any(l2 <= lat and a2 >= acc and (l2 < lat or a2 > acc)
+                        for j, (l2, a2) in enumerate(items) if j != i)
+        front.append(not dominated)
+    return front
+
+
+def _ratio(a, b, digits: int = 4):
+    return round(a / b, digits) if a is not None and b not in (None, 0) else None
+
+
+def _delta_pts(a, b):
+    return round((a - b) * 100, 2) if a is not None and b is not None else None
+
+
+def _find_parent(art: dict, artifacts: list[dict]) -> str | None:
+    """The name of the benched artifact the manifest's parent pointer names, if any."""
+    parent = art.get("parent")
+    if not parent:
+        return None
+    target = str(Path(parent).expanduser().resolve()) if Path(parent).expanduser().exists() else None
+    for other in artifacts:
+        if other is art:
+            continue
+        if target and other.get("resolved_path") == target:
+            return other["name"]
+    # The stage may have run from another working directory: fall back to the folder name.
+    names = [o["name"] for o in artifacts if o is not art and Path(o["path"]).name == Path(parent).name]
+    return names[0] if len(names) == 1 else None
+
+
+def derive(results: dict) -> dict:
+    """Add flops/achieved_gflops/roofline per point, parents, vs_baseline, and notes. Returns results."""
+    artifacts = results["artifacts"]
+    peak = results.get("peak") or {}
+    by_name = {a["name"]: a for a in artifacts}
+    base = by_name.get(results.get("baseline"))
+    for art in artifacts:
+        peak_value = peak.get(PEAK_KEY.get(art["precision"], ""))
+        for p in art["latency"]:
+            flops = flops_per_inference(art.get("arch"), p["batch_size"], p["seq_len"])
+            achieved = flops / (p["p50_ms"] / 1e3) / 1e9 if flops and p["p50_ms"] > 0 else None
+            p["flops"] = flops
+            p["achieved_gflops"] = round(achieved, 2) if achieved is not None else None
+            p["roofline"] = round(achieved / peak_value, 4) if achieved and peak_value else None
+        art["parent_name"] = _find_parent(art, artifacts)
+        if base is not None:
+            base_points = {point_key(p): p for p in base["latency"]}
+            art["vs_baseline"] = {
+                "accuracy_delta_pts": _delta_pts(art["accuracy"], base["accuracy"]),
+                "macro_f1_delta_pts": _delta_pts(art["macro_f1"], base["macro_f1"]),
+                "size_ratio": _ratio(art["size_bytes"], base["size_bytes"]),
+                "params_ratio": _ratio(art["params"], base["params"]),
+                "memory_ratio": _ratio(art["memory"].get("model_memory_mb"), base["memory"].get("model_memory_mb")),
+            }
+            for p in art["latency"]:
+                ref = base_points.get(point_key(p))
+                p["speedup_vs_baseline"] = _ratio(ref["p50_ms"], p["p50_ms"]) if ref else None
+        else:
+            art["vs_baseline"] = None
+    results["notes"] = notes(results)
+    return results
+
+
+# --------------------------------------------------------------------------- honesty notes
+
+def _within_noise(p: dict, ref: dict) -> bool:
+    """True when the slowdown is smaller than the two medians' 95% intervals together."""
+    ci_p, ci_r = p.get("ci95_rel"), ref.get("ci95_rel")
+    if ci_p is None or ci_r is None:
+        return False
+    return p["p50_ms"] / ref["p50_ms"] - 1 <= ci_p + ci_r
+
+
+def _fmt_point(p: dict) -> str:
+    return f"b={p['batch_size']} s={p['seq_len']}"
+
+
+def _slow_reasons(art: dict, slow: list[tuple[dict, dict]], env: dict) -> list[str]:
+    """Likely causes of an int8/int4 artifact being slower, from what the results show."""
+    isa = set((env.get("cpu") or {}).get("isa") or [])
+    on_cpu = not str(art.get("device", "cpu")).startswith("cuda")
+    if art["format"] == "bnb" or (art["precision"] == "int4" and on_cpu):
+        # The dominant cause; the others would only distract from it.
+        return ["bitsandbytes layers on the CPU turn their weights back into floating point on every call: "
+                "they save memory, not time"]
+    reasons = []
+    if all(_within_noise(p, r) for p, r in slow):
+        reasons.append("the differences are within the measurement noise (the 95% intervals of the two medians "
+                       "overlap), so this may not be a real slowdown")
+    if art["precision"] == "int8" and on_cpu and not isa & {"AVX512-VNNI", "AVX-VNNI", "AMX-INT8"}:
+        reasons.append("this CPU has no VNNI or AMX int8 instructions, so int8 matrix products are no "
+                       "faster than fp32 ones here")
+    small = [p for p, _ in slow if p["batch_size"] * p["seq_len"] <= SMALL_WORK_TOKENS]
+    if small:
+        reasons.append(f"at small inputs ({', '.join(_fmt_point(p) for p in small)}) the cost of quantizing "
+                       "activations and converting results back on every call outweighs the faster int8 "
+                       "arithmetic")
+    hidden = (art.get("arch") or {}).get("hidden")
+    if hidden and hidden < 256:
+        reasons.append(f"the model is narrow (hidden size {hidden}), so every matrix product is small and "
+                       "per-call quantization overhead dominates at any batch size")
+    if art["format"].startswith("onnx") and art.get("fused") is False:
+        reasons.append("the ONNX graph was not fused before quantization, so attention and LayerNorm run "
+                       "as many small operators, each with its own overhead")
+    if not reasons:
+        reasons.append("no single cause is evident; the int8 kernels may be memory-bound at these shapes, "
+                       "or other jobs on the machine slowed this run")
+    return reasons
+
+
+def notes(results: dict) -> list[dict]:
+    """Plain-language caveats a reader needs next to the numbers."""
+    env = results.get("environment") or {}
+    artifacts = results["artifacts"]
+    by_name = {a["name"]: a for a in artifacts}
+    out: list[dict] = []
+    for art in artifacts:
+        if art["precision"] not in QUANTIZED:
+            continue
+        ref = by_name.get(art.get("parent_name") or "") or by_name.get(results.get("baseline") or "")
+        if ref is None or ref is art:
+            continue
+        ref_points = {point_key(p): p for p in ref["latency"]}
+        slow = [(p, ref_points[point_key(p)]) for p in art["latency"]
+                if point_key(p) in ref_points and p["p50_ms"] > ref_points[point_key(p)]["p50_ms"]]
+        if not slow:
+            continue
+        where = ", ".join(f"{_fmt_point(p)} ({p['p50_ms'] / r['p50_ms']:.2f}x the latency)" for p, r in slow)
+        relation = "its parent" if ref["name"] == art.get("parent_name") else "the baseline"
+        text = (f"{art['name']} ({art['precision']}) is slower than {relation} {ref['name']} at {where}. "
+                f"Likely: " + "; ".join(_slow_reasons(art, slow, env)) + ".")
+        out.append({"artifact": art["name"], "kind": "quantized-slower", "text": text})
+
+    load = env.get("load_average_start")
+    cores = (env.get("cpu") or {}).get("logical_cores") or 0
+    if load and cores and load[0] >= 0.5 * cores:
+        text = (f"The machine was busy when the run started (1-minute load {load[0]} on {cores} logical cores): "
+                "other jobs competed for the CPU, so latencies are pessimistic and noisier than on an idle machine.")
+        threads = env.get("threads_requested") or 1
+        if load[0] >= cores and threads > 1:
+            # Seen here: a 2-layer model took 250 ms per call at 2 threads and 0.9 ms at 1.
+            text += (f" With {threads} threads on an oversubscribed CPU, the threads of each operator wait for "
+                     "one another to be scheduled, which can make PyTorch calls many times slower; compare "
+                     "with --threads 1.")
+        out.append({"artifact": None, "kind": "machine-busy", "text": text})
+    target = (results.get("config") or {}).get("target_ci", 0.02)
+    for art in artifacts:
+        wide = [p for p in art["latency"] if not p.get("converged")]
+        if wide:
+            worst = max(p["ci95_rel"] if p.get("ci95_rel") is not None else float("inf") for p in wide)
+            out.append({"artifact": art["name"], "kind": "not-converged",
+                        "text": f"{art['name']}: {len(wide)} of {len(art['latency'])} points used up their time "
+                                f"budget before the 95% interval of the median narrowed to +/-{target:.0%} "
+                                f"(widest +/-{worst:.1%}). Raise --budget-s or measure on a quieter machine."})
+    return out

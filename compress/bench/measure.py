@@ -1,0 +1,182 @@
+"""Measurement primitives: latency of a callable, a benchmark batch, memory high-water.
+
+These are reused outside the benchmark (the quantize stage's `--method auto` times
+candidates with `latency`), so they know nothing about artifacts or reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+Timer = Callable[[Callable[[], object]], float]
+# Below 6 samples even the min-max range covers the median with less than 95% probability
+# (1 - 2 * 0.5**n), so no interval from fewer calls can claim 95%.
+MIN_CI_SAMPLES = 6
+
+
+def wall_timer(fn: Callable[[], object]) -> float:
+    """Seconds one call of `fn` takes by the monotonic wall clock (CPU work is synchronous)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cuda_timer(fn: Callable[[], object]) -> float:
+    """Seconds one call of `fn` takes on the GPU, by CUDA events.
+
+    The device is synchronised first so that queued work from earlier calls is not
+    billed to this one, and the end event is waited on so that asynchronous kernels
+    launched by `fn` are.
+    """
+    import torch
+
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def timer_for(device: str) -> Timer:
+    """The timer that measures honestly on `device` ("cpu" or "cuda")."""
+    return cuda_timer if device.startswith("cuda") else wall_timer
+
+
+def median_ci_rel(times: Sequence[float]) -> float:
+    """Half-width of the distribution-free 95% confidence interval of the median, relative to it.
+
+    The interval runs between the order statistics n/2 -/+ 1.96*sqrt(n)/2 (the normal
+    approximation to the binomial), so it needs no assumption about the shape of the
+    latency distribution, which is skewed. Returns inf for fewer than 3 samples.
+    """
+    n = len(times)
+    if n < 3:
+        return math.inf
+    x = np.sort(np.asarray(times, dtype=np.float64))
+    half = 1.96 * math.sqrt(n) / 2
+    lo = max(0, int(math.floor(n / 2 - half)) - 1)  # ranks are 1-based in the formula
+    hi = min(n - 1, int(math.ceil(n / 2 + half)) - 1)
+    median = float(np.median(x))
+    if median <= 0:
+        return math.inf
+    return float((x[hi] - x[lo]) / (2 * median))
+
+
+def latency(fn: Callable[[], object], *, warmup: int = 3, budget_s: float = 3.0, min_iters: int = 10,
+            max_iters: int = 10_000, target_rel: float = 0.02, timer: Timer = wall_timer) -> dict:
+    """Time `fn` until the median is known to `target_rel` or the time budget is spent.
+
+    Args:
+        fn: the call to time, with no arguments (e.g. `lambda: runner.logits(batch)`).
+        warmup: untimed calls first (lazy initialisation, caches, allocator warm-up).
+        budget_s: stop once this many seconds of timed calls have run, even if the
+            interval is still wide (but never before 3 calls).
+        min_iters: the fewest timed calls before the interval may stop the loop.
+        max_iters: the most timed calls.
+        target_rel: stop when the 95% CI of the median is within +/- this fraction of it.
+        timer: `wall_timer` on the CPU, `cuda_timer` on a GPU (see `timer_for`).
+
+    Returns:
+        {p50_ms, p90_ms, p99_ms, mean_ms, min_ms, iters, ci95_rel, converged, total_s}:
+        milliseconds; ci95_rel is the relative half-width of the 95% CI of the median
+        (None below 3 calls; below 6 calls it is the half-range and covers less than 95%);
+        converged says whether it reached `target_rel` with at least 6 calls.
+    """
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    spent = 0.0
+    next_check = max(MIN_CI_SAMPLES, min_iters)
+    while len(times) < max_iters:
+        t = timer(fn)
+        times.append(t)
+        spent += t
+        n = len(times)
+        if n >= next_check:
+            # Sorting every call would cost O(n^2 log n) over a long run; checking at
+            # ~10% growth steps keeps the overhead negligible.
+            if median_ci_rel(times) <= target_rel:
+                break
+            next_check = n + max(1, n // 10)
+        if spent >= budget_s and n >= 3:
+            break
+    ms = np.asarray(times) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    ci = median_ci_rel(times)
+    return {"p50_ms": round(float(p50), 4), "p90_ms": round(float(p90), 4), "p99_ms": round(float(p99), 4),
+            "mean_ms": round(float(ms.mean()), 4), "min_ms": round(float(ms.min()), 4), "iters": len(times),
+            "ci95_rel": round(ci, 5) if math.isfinite(ci) else None,
+            "converged": bool(ci <= target_rel and len(times) >= MIN_CI_SAMPLES),
+            "total_s": round(spent, 3)}
+
+
+def make_batch(tokenizer, texts: Sequence[str] | Sequence[tuple[str, str]], batch_size: int,
+               seq_len: int) -> dict[str, np.ndarray]:
+    """A batch of real texts padded or truncated to exactly `seq_len` tokens.
+
+    Texts are taken in order and repeated when there are fewer than `batch_size`; pairs
+    (tuples) are encoded as sentence pairs. Returns int64 arrays input_ids,
+    attention_mask (and token_type_ids when the tokenizer makes them), shape
+    (batch_size, seq_len).
+    """
+    if not texts:
+        raise ValueError("make_batch needs at least one text")
+    chosen = [texts[i % len(texts)] for i in range(batch_size)]
+    if isinstance(chosen[0], (tuple, list)):
+        args = ([a for a, _ in chosen], [b for _, b in chosen])
+    else:
+        args = (list(chosen),)
+    enc = tokenizer(*args, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    batch = {k: np.ascontiguousarray(enc[k], dtype=np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")
+             if k in enc}
+    assert batch["input_ids"].shape == (batch_size, seq_len), batch["input_ids"].shape
+    return batch
+
+
+# --------------------------------------------------------------------------- memory (Linux /proc)
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float | None:
+    """Resident memory of this process now, in MiB."""
+    kb = _status_kb("VmRSS")
+    return round(kb / 1024, 1) if kb is not None else None
+
+
+def peak_rss_mb() -> float | None:
+    """High-water resident memory of this process (VmHWM), in MiB."""
+    kb = _status_kb("VmHWM")
+    if kb is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
+    return round(kb / 1024, 1)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS (Linux >= 4.0). False where impossible."""
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,339 @@
+"""`compress report`: render report.md and report.html from results.json.
+
+Rendering is a pure function of the results dict (schema: docs/results-schema.md): the
+same JSON always gives the same bytes, and nothing is re-measured. Both formats are
+built from the same table definitions, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from html import escape
+from pathlib import Path
+
+from pydantic import Field
+
+from compress.bench import plots
+from compress.bench.analysis import headline_point, pareto_front, point_key
+from compress.config import StageConfig
+from compress.errors import UserError
+
+Table = tuple[list[str], list[list[str]], str]  # headers, rows, alignment per column ("l"/"r")
+
+
+class ReportConfig(StageConfig):
+    """Re-render the reports of a benchmark from its results.json."""
+
+    positional = ("results",)
+
+    results: str = Field(..., description="results.json written by compress bench")
+    out: str | None = Field(None, description="directory for report.md and report.html (default: beside results.json)")
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _f(v, digits: int = 2, suffix: str = "") -> str:
+    return "–" if v is None else f"{v:.{digits}f}{suffix}"
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{v * 100:.2f}"
+
+
+def _mib(n_bytes) -> str:
+    return "–" if n_bytes is None else f"{n_bytes / 2**20:.2f}"
+
+
+def _count(n) -> str:
+    if n is None:
+        return "–"
+    for div, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _signed(v) -> str:
+    return "–" if v is None else f"{v:+.2f}"
+
+
+def _ci(v) -> str:
+    return "–" if v is None else f"±{v * 100:.1f}%"
+
+
+def _times(v) -> str:
+    return "–" if v is None else f"{v:.2f}x"
+
+
+def _on_front(results: dict) -> dict[str, bool]:
+    """Which artifacts are on the accuracy/latency Pareto front at the headline point."""
+    head = headline_point(results)
+    items, names = [], []
+    for a in results["artifacts"]:
+        p = next((p for p in a["latency"] if point_key(p) == head), None)
+        if p is not None and a.get("accuracy") is not None:
+            items.append((p["p50_ms"], a["accuracy"]))
+            names.append(a["name"])
+    return dict(zip(names, pareto_front(items)))
+
+
+# --------------------------------------------------------------------------- tables (shared by both formats)
+
+def models_table(results: dict) -> Table:
+    front = _on_front(results)
+    rows = []
+    for a in results["artifacts"]:
+        mem = a.get("memory") or {}
+        rows.append([a["name"], a["format"], a["precision"], _pct(a["accuracy"]), _pct(a["macro_f1"]),
+                     _mib(a["size_bytes"]), _count(a["params"]), _f(mem.get("peak_rss_mb"), 1),
+                     _f(mem.get("model_memory_mb"), 1), "yes" if front.get(a["name"]) else ""])
+    headers = ["Artifact", "Format", "Precision", "Accuracy %", "Macro-F1 %", "Size MiB", "Params",
+               "Peak RSS MiB", "Model memory MiB", "Pareto front"]
+    return headers, rows, "lllrrrrrrl"
+
+
+def latency_table(results: dict) -> Table:
+    rows = []
+    for a in results["artifacts"]:
+        for p in a["latency"]:
+            rows.append([a["name"], str(p["batch_size"]), str(p["seq_len"]), _f(p["p50_ms"], 3), _f(p["p90_ms"], 3),
+                         _f(p["p99_ms"], 3), _f(p["mean_ms"], 3), _ci(p.get("ci95_rel")), str(p["iters"]),
+                         _f(p.get("throughput_sps"), 1), _f(p.get("achieved_gflops"), 1),
+                         _f(None if p.get("roofline") is None else p["roofline"] * 100, 1),
+                         _times(p.get("speedup_vs_baseline"))])
+    headers = ["Artifact", "Batch", "Seq", "p50 ms", "p90 ms", "p99 ms", "Mean ms", "CI95 of p50", "Iters",
+               "Samples/s", "GFLOP/s", "% of peak", "Speed-up"]
+    return headers, rows, "lrrrrrrrrrrrr"
+
+
+def baseline_table(results: dict) -> Table | None:
+    base = results.get("baseline")
+    if not base:
+        return None
+    keys = sorted({point_key(p) for a in results["artifacts"] for p in a["latency"]})
+    rows = []
+    for a in results["artifacts"]:
+        vs = a.get("vs_baseline") or {}
+        speed = {point_key(p): p.get("speedup_vs_baseline") for p in a["latency"]}
+        rows.append([a["name"], _signed(vs.get("accuracy_delta_pts")), _signed(vs.get("macro_f1_delta_pts")),
+                     _f(vs.get("size_ratio"), 3), _f(vs.get("params_ratio"), 3), _f(vs.get("memory_ratio"), 3)]
+                    + [_times(speed.get(k)) for k in keys])
+    headers = ["Artifact", "Δ accuracy pts", "Δ macro-F1 pts", "Size ratio", "Params ratio", "Memory ratio"] + \
+              [f"Speed-up b{b} s{s}" for b, s in keys]
+    return headers, rows, "l" + "r" * (len(headers) - 1)
+
+
+def peak_table(results: dict) -> Table | None:
+    peak = results.get("peak")
+    if not peak:
+        return None
+    rows = [[k, _f(v, 1)] for k, v in sorted(peak["kernels"].items())]
+    return ["Kernel", "GFLOP/s (GOP/s for int8)"], rows, "lr"
+
+
+def environment_items(results: dict) -> list[tuple[str, str]]:
+    env = results.get("environment") or {}
+    cpu = env.get("cpu") or {}
+    gpu = env.get("gpu")
+    threads = sorted({json.dumps(a.get("threads"), sort_keys=True) for a in results["artifacts"]})
+    load_s, load_e = env.get("load_average_start"), env.get("load_average_end")
+    versions = env.get("versions") or {}
+    return [
+        ("CPU", f"{cpu.get('model', '?')} ({cpu.get('arch', '?')}), {cpu.get('logical_cores', '?')} logical cores"),
+        ("ISA", ", ".join(cpu.get("isa") or []) or "none of the tracked extensions"),
+        ("GPU", f"{gpu['name']} ({gpu.get('memory_gb')} GB, CUDA {gpu.get('cuda')})" if gpu else "none used"),
+        ("Device", str(env.get("device", "?"))),
+        ("Threads", f"requested {env.get('threads_requested')}; measured per artifact: " + "; ".join(threads)),
+        ("Memory", f"{env.get('memory_total_gb')} GiB total"),
+        ("Load average (1/5/15 min)", f"start {load_s}, end {load_e} (the end value includes this benchmark's own load)"),
+        ("Shared machine", env.get("shared_machine_note", "")),
+        ("compress commit", str(env.get("compress_commit"))),
+        ("Python", f"{env.get('python')} on {env.get('platform')}"),
+        ("Libraries", ", ".join(f"{k} {v}" for k, v in versions.items())),
+    ]
+
+
+def memory_method(results: dict) -> str:
+    methods = {(a.get("memory") or {}).get("method") for a in results["artifacts"]}
+    if methods == {"subprocess"}:
+        return ("Peak RSS is the high-water resident memory of a fresh process that measured only this "
+                "artifact (interpreter, libraries and data included). Model memory is that peak minus the "
+                "resident memory just before the artifact was loaded; on CUDA it is torch's peak allocation.")
+    return ("Artifacts were measured in one process: the high-water mark was reset before each artifact, but "
+            "memory an earlier artifact freed may be reused, so per-artifact memory figures are approximate. "
+            "Run with --isolate for honest per-artifact peaks.")
+
+
+def _summary(results: dict) -> list[str]:
+    ds = results.get("dataset") or {}
+    n = next((a["n"] for a in results["artifacts"] if a.get("n") is not None), None)
+    head = headline_point(results)
+    lines = [f"Dataset `{ds.get('source')}`, {ds.get('split')} split ({n} examples, max_length {ds.get('max_length')}); "
+             f"created {results.get('created')}; schema version {results.get('schema_version')}."]
+    if results.get("baseline"):
+        lines.append(f"Baseline: `{results['baseline']}`. Speed-up = baseline p50 / artifact p50; size ratio = "
+                     "artifact / baseline; accuracy deltas in percentage points.")
+    if head:
+        lines.append(f"The Pareto front is taken at batch {head[0]}, sequence {head[1]} (accuracy against p50 latency).")
+    return lines
+
+
+# --------------------------------------------------------------------------- Markdown
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def md_table(table: Table) -> str:
+    """A GitHub table whose columns are also aligned for reading in a terminal."""
+    headers, rows, align = table
+    cells = [[_md_cell(h) for h in headers]] + [[_md_cell(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "| " + " | ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)) + " |"
+
+    rule = "|" + "|".join((":" + "-" * (w + 1) if a == "l" else "-" * (w + 1) + ":") for w, a in zip(widths, align)) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+def render_markdown(results: dict) -> str:
+    """report.md for a results dict."""
+    parts = ["# Benchmark report", "", *_summary(results), "", "## Accuracy, size and memory", "",
+             md_table(models_table(results)), "", memory_method(results), "",
+             "## Latency", "", md_table(latency_table(results)), "",
+             "GFLOP/s = FLOPs per inference (docs/results-schema.md) / p50; % of peak compares it with the "
+             "matmul peak of the artifact's precision measured at the start of the run.", ""]
+    base = baseline_table(results)
+    if base:
+        parts += [f"## Compared with the baseline ({results['baseline']})", "", md_table(base), ""]
+    parts += ["## Notes", ""]
+    notes = results.get("notes") or []
+    parts += [f"- {n['text']}" for n in notes] or ["- None: no compressed artifact was slower than its reference."]
+    parts.append("")
+    peak = peak_table(results)
+    if peak:
+        parts += ["## Matmul peak", "", md_table(peak), ""]
+    parts += ["## Environment", ""]
+    parts += [f"- **{k}**: {v}" for k, v in environment_items(results)]
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#222;background:#fff;
+  max-width:1180px;margin:2rem auto;padding:0 1.5rem;line-height:1.5;font-size:15px}
+h1{font-size:1.7rem;margin-bottom:.3rem}h2{font-size:1.25rem;margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+p.summary{margin:.2rem 0;color:#444}
+table{border-collapse:collapse;margin:.8rem 0;font-size:13.5px;font-variant-numeric:tabular-nums}
+th,td{padding:.3rem .6rem;border-bottom:1px solid #e3e3e3;white-space:nowrap}
+th{background:#f4f5f7;font-weight:600;text-align:left;white-space:normal;vertical-align:bottom}td.r,th.r{text-align:right}
+tbody tr:nth-child(even){background:#fafbfc}
+.plots{display:flex;flex-wrap:wrap;gap:1.5rem;align-items:flex-start;margin-top:1rem}
+.plots figure{margin:0;flex:1 1 460px;min-width:0}.plots figcaption{font-size:13px;color:#555}
+svg.plot{width:100%;height:auto;border:1px solid #eee;border-radius:4px;background:#fff}
+ul.notes li{margin:.35rem 0}.env dt{font-weight:600;float:left;clear:left;width:13rem}
+.env dd{margin:0 0 .3rem 13.5rem}.scroll{overflow-x:auto}.muted{color:#666;font-size:13px}
+"""
+
+
+def html_table(table: Table) -> str:
+    headers, rows, align = table
+    cls = ['r' if a == 'r' else 'l' for a in align]
+    head = "".join(f'<th class="{c}">{escape(h)}</th>' for h, c in zip(headers, cls))
+    body = "".join("<tr>" + "".join(f'<td class="{c}">{escape(v)}</td>' for v, c in zip(r, cls)) + "</tr>"
+                   for r in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _plots(results: dict) -> str:
+    head = headline_point(results)
+    front = _on_front(results)
+    scatter_items, bar_items = [], []
+    for i, a in enumerate(results["artifacts"]):
+        p = next((p for p in a["latency"] if point_key(p) == head), None)
+        if p is not None and a.get("accuracy") is not None:
+            scatter_items.append({"name": a["name"], "x": p["p50_ms"], "y": a["accuracy"] * 100,
+                                  "colour": plots.colour(i), "front": front.get(a["name"], False)})
+        bar_items.append({"name": a["name"], "value": None if a.get("size_bytes") is None else a["size_bytes"] / 2**20,
+                          "colour": plots.colour(i)})
+    where = f"batch {head[0]}, sequence {head[1]}" if head else "no latency point"
+    scatter = plots.scatter(scatter_items, title="Accuracy vs latency", x_label=f"p50 latency, ms ({where})",
+                            y_label="accuracy, %")
+    size = plots.bars(bar_items, title="Size on disk", unit="MiB")
+    return ('<div class="plots">'
+            f'<figure>{scatter}<figcaption>Up and to the left is better. Diamonds joined by the dashed line are '
+            'on the Pareto front: no other artifact is both at least as fast and at least as accurate.'
+            '</figcaption></figure>'
+            f'<figure>{size}<figcaption>Bytes of the weight files (what you ship).</figcaption></figure></div>')
+
+
+def render_html(results: dict) -> str:
+    """report.html for a results dict: self-contained, plots as inline SVG."""
+    body = ["<h1>Benchmark report</h1>"]
+    body += [f'<p class="summary">{escape(line).replace("`", "")}</p>' for line in _summary(results)]
+    body += [_plots(results), "<h2>Accuracy, size and memory</h2>", html_table(models_table(results)),
+             f'<p class="muted">{escape(memory_method(results))}</p>',
+             "<h2>Latency</h2>", html_table(latency_table(results)),
+             '<p class="muted">GFLOP/s = FLOPs per inference / p50; % of peak compares it with the matmul peak of '
+             "the artifact's precision measured at the start of the run.</p>"]
+    base = baseline_table(results)
+    if base:
+        body += [f"<h2>Compared with the baseline ({escape(results['baseline'])})</h2>", html_table(base)]
+    notes = results.get("notes") or []
+    body += ["<h2>Notes</h2>", '<ul class="notes">' + "".join(f"<li>{escape(n['text'])}</li>" for n in notes)
+             + ("" if notes else "<li>None: no compressed artifact was slower than its reference.</li>") + "</ul>"]
+    peak = peak_table(results)
+    if peak:
+        body += ["<h2>Matmul peak</h2>", html_table(peak)]
+    body += ['<h2>Environment</h2><dl class="env">'
+             + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in environment_items(results)) + "</dl>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>compress benchmark report</title><style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------- files
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_reports(results: dict, directory: str | os.PathLike) -> tuple[Path, Path]:
+    """Write report.md and report.html into `directory`; return their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    md, html = directory / "report.md", directory / "report.html"
+    _write_atomic(md, render_markdown(results))
+    _write_atomic(html, render_html(results))
+    return md, html
+
+
+def report(cfg: ReportConfig) -> tuple[Path, Path]:
+    """Re-render report.md and report.html from `cfg.results`."""
+    src = Path(cfg.results)
+    if src.is_dir():
+        src = src / "results.json"
+    if not src.is_file():
+        raise UserError(f"'{cfg.results}' is not a results.json file. Pass the results.json that compress bench "
+                        "wrote (or its directory).")
+    try:
+        results = json.loads(src.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"'{src}' is not valid JSON ({err.msg} at line {err.lineno}). Re-run compress bench.") from None
+    from compress.bench import SCHEMA_VERSION
+
+    version = results.get("schema_version") if isinstance(results, dict) else None
+    if version != SCHEMA_VERSION:
+        raise UserError(f"'{src}' has schema_version {version}; this compress renders version {SCHEMA_VERSION}. "
+                        "Re-run compress bench with this version.")
+    paths = write_reports(results, cfg.out or src.parent)
+    print(f"compress report: wrote {paths[0]} and {paths[1]}")
+    return paths
