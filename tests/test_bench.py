@@ -260,3 +260,25 @@ def test_cuda_timing(tiny_teacher, tmp_path):
     assert a["memory"]["cuda_max_allocated_mb"] > 0
     assert all(p["p50_ms"] > 0 for p in a["latency"])
     assert results["peak"]["device"] == "cuda" and results["peak"]["fp32_gflops"] > 0
+
+
+def test_interleaved_latency_times_all_callables_in_the_same_rounds():
+    import time
+
+    from compress.bench.measure import interleaved_latency
+
+    calls = []
+
+    def sleeper(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+        return fn
+
+    stats = interleaved_latency({"a": sleeper("a", 0.002), "b": sleeper("b", 0.002), "slow": sleeper("slow", 0.006)},
+                                warmup=1, budget_s=0.3, min_iters=6, target_rel=0.5)
+    assert set(stats) == {"a", "b", "slow"}
+    assert stats["a"]["iters"] == stats["b"]["iters"] == stats["slow"]["iters"] >= 6  # one call each per round
+    assert calls[3:6] != calls[6:9]  # the order rotates between rounds
+    assert abs(stats["a"]["p50_ms"] - stats["b"]["p50_ms"]) / stats["a"]["p50_ms"] < 0.5
+    assert 2.0 < stats["slow"]["p50_ms"] / stats["a"]["p50_ms"] < 4.0

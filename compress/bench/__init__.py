@@ -45,6 +45,7 @@ class BenchConfig(DataConfig):
     budget_s: float = Field(3.0, gt=0, description="seconds of timed calls per latency point at most")
     min_iters: int = Field(10, ge=3, description="fewest timed calls per point before it may stop early")
     target_ci: float = Field(0.02, gt=0, lt=1, description="stop a point once the 95 percent interval of its median is within +/- this fraction")
+    interleave: bool = Field(True, description="time all artifacts together, one call of each per round, so a machine whose load drifts slows them all alike and their ratios hold")
     isolate: bool = Field(True, description="measure each artifact in a fresh process (honest per-artifact peak memory; ~5 s start-up each)")
     peak_probe: bool = Field(True, description="measure fp32/bf16/int8 matmul peaks first (~1-2 s) for the roofline ratios")
     progress: bool = Field(True, description="print one line per artifact to stderr")
@@ -155,6 +156,13 @@ def bench(cfg: BenchConfig) -> dict:
             job = {"name": name, "path": str(path), "device": device, "threads": threads,
                    "isolated": cfg.isolate, "config": cfg.model_dump(mode="json")}
             measured.append(_run_isolated(job) if cfg.isolate else measure_artifact(job))
+        if cfg.interleave:
+            from compress.bench.worker import bench_latency_interleaved
+
+            _say(cfg, "timing all artifacts together, round-robin")
+            timed = bench_latency_interleaved(artifacts, cfg, device, threads)
+            for m in measured:
+                m["latency"] = timed[m["name"]]
         env["load_average_end"] = load_average()
         results = {
             "schema_version": SCHEMA_VERSION,

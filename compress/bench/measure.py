@@ -108,6 +108,11 @@ def latency(fn: Callable[[], object], *, warmup: int = 3, budget_s: float = 3.0,
             next_check = n + max(1, n // 10)
         if spent >= budget_s and n >= 3:
             break
+    return summarize(times, target_rel)
+
+
+def summarize(times: Sequence[float], target_rel: float = 0.02) -> dict:
+    """Percentiles (ms), the median's 95% CI and whether it reached `target_rel`."""
     ms = np.asarray(times) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     ci = median_ci_rel(times)
@@ -115,7 +120,43 @@ def latency(fn: Callable[[], object], *, warmup: int = 3, budget_s: float = 3.0,
             "mean_ms": round(float(ms.mean()), 4), "min_ms": round(float(ms.min()), 4), "iters": len(times),
             "ci95_rel": round(ci, 5) if math.isfinite(ci) else None,
             "converged": bool(ci <= target_rel and len(times) >= MIN_CI_SAMPLES),
-            "total_s": round(spent, 3)}
+            "total_s": round(float(np.sum(times)), 3)}
+
+
+def interleaved_latency(fns: dict[str, Callable[[], object]], *, warmup: int = 3, budget_s: float = 3.0,
+                        min_iters: int = 10, max_iters: int = 10_000, target_rel: float = 0.02,
+                        timer: Timer = wall_timer) -> dict[str, dict]:
+    """Time several callables in rounds, one call of each per round, in rotating order.
+
+    On a machine whose load drifts (other jobs start and stop), timing artifacts one after
+    another compares them under different conditions; interleaving makes every artifact see
+    the same conditions, so their ratios hold. Stops when every median is known to
+    `target_rel`, or when `budget_s` seconds per callable have been spent.
+
+    Returns:
+        {name: the same dict as `latency`}.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    spent, rounds = 0.0, 0
+    next_check = max(MIN_CI_SAMPLES, min_iters)
+    while rounds < max_iters:
+        order = names[rounds % len(names):] + names[:rounds % len(names)]
+        for name in order:
+            t = timer(fns[name])
+            times[name].append(t)
+            spent += t
+        rounds += 1
+        if rounds >= next_check:
+            if all(median_ci_rel(v) <= target_rel for v in times.values()):
+                break
+            next_check = rounds + max(1, rounds // 10)
+        if spent >= budget_s * len(names) and rounds >= 3:
+            break
+    return {n: summarize(v, target_rel) for n, v in times.items()}
 
 
 def make_batch(tokenizer, texts: Sequence[str] | Sequence[tuple[str, str]], batch_size: int,

@@ -116,16 +116,16 @@ def measure_artifact(job: dict) -> dict:
     split = encode(data, runner.tokenizer, cfg.max_length, mapping, splits=(cfg.split,))[cfg.split]
     metrics = classification_metrics(score(runner, split, cfg.eval_batch_size), split.labels, config.num_labels)
 
-    texts = _texts(data, cfg.split)
-    timer = timer_for(device)
     points = []
-    for b in cfg.batch_sizes:
-        for s in cfg.seq_lens:
-            batch = make_batch(runner.tokenizer, texts, b, s)
-            stats = latency(lambda: runner.logits(batch), warmup=cfg.warmup, budget_s=cfg.budget_s,
-                            min_iters=cfg.min_iters, target_rel=cfg.target_ci, timer=timer)
-            stats["throughput_sps"] = round(b / (stats["p50_ms"] / 1e3), 2)
-            points.append({"batch_size": b, "seq_len": s, **stats})
+    if not cfg.interleave:  # else the parent times all artifacts together (bench_latency_interleaved)
+        texts = _texts(data, cfg.split)
+        timer = timer_for(device)
+        for b in cfg.batch_sizes:
+            for s in cfg.seq_lens:
+                batch = make_batch(runner.tokenizer, texts, b, s)
+                stats = latency(lambda: runner.logits(batch), warmup=cfg.warmup, budget_s=cfg.budget_s,
+                                min_iters=cfg.min_iters, target_rel=cfg.target_ci, timer=timer)
+                points.append(_point(b, s, stats))
 
     memory = {
         "method": "subprocess" if job.get("isolated") else "in-process",
@@ -161,6 +161,35 @@ def measure_artifact(job: dict) -> dict:
     del runner
     gc.collect()
     return result
+
+
+def _point(batch_size: int, seq_len: int, stats: dict) -> dict:
+    return {"batch_size": batch_size, "seq_len": seq_len, **stats,
+            "throughput_sps": round(batch_size / (stats["p50_ms"] / 1e3), 2)}
+
+
+def bench_latency_interleaved(artifacts: list[tuple[str, Path]], cfg, device: str, threads: int | None) -> dict:
+    """{name: latency points} for all artifacts, timed together in one process, round-robin."""
+    import torch
+
+    from compress.bench.measure import interleaved_latency
+    from compress.data import load_data
+    from compress.runners import load_runner
+
+    if threads:
+        torch.set_num_threads(threads)
+    texts = _texts(load_data(cfg), cfg.split)
+    runners = {name: load_runner(path, device=device, threads=threads) for name, path in artifacts}
+    points: dict[str, list] = {name: [] for name in runners}
+    for b in cfg.batch_sizes:
+        for s in cfg.seq_lens:
+            batches = {name: make_batch(r.tokenizer, texts, b, s) for name, r in runners.items()}
+            fns = {name: (lambda r=r, x=batches[name]: r.logits(x)) for name, r in runners.items()}
+            stats = interleaved_latency(fns, warmup=cfg.warmup, budget_s=cfg.budget_s, min_iters=cfg.min_iters,
+                                        target_rel=cfg.target_ci, timer=timer_for(device))
+            for name, st in stats.items():
+                points[name].append(_point(b, s, st))
+    return points
 
 
 def main(argv: list[str]) -> int:
