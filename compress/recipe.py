@@ -94,8 +94,11 @@ def _line_map(text: str, path: Path) -> dict[tuple, int]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: the recipe is not valid YAML: {getattr(err, 'problem', err)}. Check the indentation "
-                        "and quoting around that line.") from None
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        hint = ("A ${stage} reference inside a [ ] list must be quoted ('${stage}'), or write the list "
+                "one item per line with '- '." if "${" in line and "[" in line else
+                "Check the indentation and quoting around that line.")
+        raise UserError(f"{where}: the recipe is not valid YAML: {getattr(err, 'problem', err)}. {hint}") from None
     lines: dict[tuple, int] = {}
 
     def walk(node, prefix: tuple) -> None:

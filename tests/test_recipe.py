@@ -120,3 +120,9 @@ def test_tiny_recipe_runs_skips_and_reruns_changed_stage(tmp_path, capsys):
     # Seed is passed down from the top level and is part of the hash.
     assert load_recipe(p).stages[0].config.seed == 0
     assert load_recipe(p, ["teacher.seed=1"]).stages[0].hash != load_recipe(p).stages[0].hash
+
+
+def test_unquoted_reference_in_flow_list_gets_a_hint(tmp_path):
+    p = write(tmp_path, "stages:\n  t:\n    type: train\n    model: x\n  b:\n    type: bench\n    artifacts: [a=${t}]\n")
+    with pytest.raises(UserError, match=r"r.yaml:7: .*must be quoted"):
+        load_recipe(p)
