@@ -118,7 +118,7 @@ def to_argv(cfg: StageConfig) -> list[str]:
     argv: list[str] = []
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
-        if name not in type(cfg).model_fields_set and not field.is_required():
+        if name not in cfg.model_fields_set and not field.is_required():
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         flag = extra.get("flag", "--" + name.replace("_", "-"))
