@@ -1,0 +1,255 @@
+"""`ort-dynamic-int8` and `ort-static-int8`: ONNX Runtime's quantizer on an exported graph.
+
+Dynamic: weights int8 ahead of time, activations uint8 per batch at run time. A PyTorch
+input is exported unfused (measured faster here, see `export_optimize`) and its embedding
+Gathers are quantized; on a fused graph (`--optimize transformer`, or a fused ONNX input)
+attention becomes QAttention and the embeddings one QEmbedLayerNormalization with int8
+tables. Either way the embedding table (a third to a half of a small BERT) shrinks, not
+only the MatMuls.
+
+Static: QDQ format (QOperator produced invalid graphs on these exports), activation
+ranges calibrated on real training examples with minmax, entropy or percentile. Only
+MatMul, Gemm and Gather are quantized: the attention-mask Add holds -3.4e38, which makes
+entropy and percentile histograms useless, and leaving Add out keeps it uncalibrated.
+
+The classifier head stays fp32 in both (the MatMul/Gemm that produces the logits).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from compress.artifacts import copy_support_files, read_manifest
+from compress.errors import UserError
+from compress.quantize import Job, Method, register_method
+
+OUTPUT_FILE = "model_int8.onnx"
+# What the quantized graph's operators were before quantization (dynamic IntegerOps).
+INTEGER_OPS = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "MatMulIntegerToFloat": "MatMul",
+               "QAttention": "Attention", "QEmbedLayerNormalization": "EmbedLayerNormalization", "QGemm": "Gemm"}
+DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "Gather", "EmbedLayerNormalization")
+GEMM_SUFFIX = "_MatMul"
+STATIC_OPS = ("MatMul", "Gemm", "Gather")
+CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def onnx_path(directory: Path) -> Path:
+    from compress.export import _find_onnx_file
+
+    name = read_manifest(directory).get("onnx_file") or _find_onnx_file(directory)
+    return directory / name
+
+
+def load_graph(directory: Path):
+    """The ONNX model of an artifact, with stale value_info dropped.
+
+    A dynamo export records intermediate shapes that conflict with ONNX Runtime's shape
+    inference during quantization; the quantizer re-infers what it needs.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path(directory)))
+    del model.graph.value_info[:]
+    return model
+
+
+def _constants(graph) -> set[str]:
+    names = {t.name for t in graph.initializer}
+    names.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
+    return names
+
+
+def head_nodes(graph) -> set[str]:
+    """Nodes that compute the logits: the last MatMul/Gemm on the way to each graph output."""
+    producer = {o: n for n in graph.node for o in n.output}
+    heads: set[str] = set()
+    for out in graph.output:
+        frontier = [out.name]
+        while frontier:
+            node = producer.get(frontier.pop())
+            if node is None:
+                continue
+            if node.op_type in ("MatMul", "Gemm"):
+                heads.add(node.name)
+            elif node.op_type in ("Add", "Identity", "Cast", "Reshape", "Squeeze"):
+                frontier.extend(node.input)
+    return heads
+
+
+def candidate_nodes(model, ops: tuple[str, ...], weights_only: bool) -> list[str]:
+    """Names of the nodes of `ops` the quantizer will touch (the head excluded), in graph order."""
+    graph = model.graph
+    consts, heads = _constants(graph), head_nodes(graph)
+    found = []
+    for node in graph.node:
+        if node.op_type not in ops or node.name in heads:
+            continue
+        if node.op_type == "Gather" and node.input[0] not in consts:
+            continue  # a shape or index Gather, not an embedding table
+        if node.op_type in ("MatMul", "Gemm") and weights_only and node.input[1] not in consts:
+            continue  # dynamic mode quantizes MatMuls with a constant weight only
+        found.append(node.name + GEMM_SUFFIX if weights_only and node.op_type == "Gemm" else node.name)
+    return found
+
+
+def excluded_heads(graph) -> list[str]:
+    # Dynamic quantization first rewrites each Gemm as MatMul + Add, naming the MatMul
+    # "<gemm>_MatMul"; exclude both names so the head stays fp32 either way.
+    return sorted(h for name in head_nodes(graph) for h in (name, name + GEMM_SUFFIX))
+
+
+def quantized_counts(model) -> dict[str, int]:
+    """How many nodes of each original operator type run quantized in `model`."""
+    import onnx
+
+    graph = model.graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    int8 = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    counts: Counter = Counter()
+    for node in graph.node:
+        if node.op_type in INTEGER_OPS:
+            counts[INTEGER_OPS[node.op_type]] += 1
+        elif node.op_type in STATIC_OPS + ("Attention", "EmbedLayerNormalization"):
+            if any(producer.get(i) == "DequantizeLinear" or i in int8 for i in node.input):
+                counts[node.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+def _weight_type(cfg):
+    from onnxruntime.quantization import QuantType
+
+    from compress.hardware import has_vnni
+
+    if cfg.weight_type == "auto":
+        # VNNI multiplies u8 activations by s8 weights natively; without it the u8 x s8
+        # instruction (vpmaddubsw) can saturate, and u8 x u8 is the safe choice.
+        return QuantType.QInt8 if has_vnni() else QuantType.QUInt8
+    return QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8
+
+
+class _NoPreprocessHint(logging.Filter):
+    # quantize_dynamic logs "Please consider to run pre-processing" on every call; for
+    # dynamic quantization of these graphs it changes nothing, so it is only noise.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_NoPreprocessHint())
+
+
+def _extra_options(model) -> dict[str, Any]:
+    import onnx
+
+    # Fused graphs hold contrib ops whose output types ORT's shape inference cannot see.
+    return {"DefaultTensorType": onnx.TensorProto.FLOAT}
+
+
+def _finish(job: Job, out: Path, exclude: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    import onnx
+
+    copy_support_files(job.source, out)
+    model = onnx.load(str(out / OUTPUT_FILE), load_external_data=False)
+    src_manifest = read_manifest(job.source)
+    heads = sorted(head_nodes(load_graph(job.source).graph))
+    return {"format": "onnx", "onnx_file": OUTPUT_FILE, "run_device": "cpu",
+            "source_graph": {"optimize": src_manifest.get("optimize"), "fused": src_manifest.get("fused")},
+            "quantized": quantized_counts(model),
+            "skipped": [{"node": n, "reason": "output head kept fp32"} for n in heads]
+            + [{"node": n, "reason": "accuracy-aware fallback"} for n in exclude], **extra}
+
+
+@register_method("ort-dynamic-int8")
+class OrtDynamicInt8(Method):
+    input = "onnx"
+    # Unfused: on this project's 2-core AVX512-VNNI machines (ORT 1.31, MiniLM-L6, b1 seq128,
+    # 2 threads) the int8 graph quantized after the transformer fusions (QAttention) ran ~7%
+    # slower than the plain one, and ORT's own session-time fusions then match. --optimize
+    # transformer still gives the fused variant.
+    export_optimize = "none"
+
+    def layers(self, job: Job) -> list[str]:
+        return candidate_nodes(load_graph(job.source), DYNAMIC_OPS, weights_only=True)
+
+    def build(self, job: Job, out: Path, exclude: list[str]) -> dict[str, Any]:
+        from onnxruntime.quantization import quantize_dynamic
+
+        model = load_graph(job.source)
+        heads = excluded_heads(model.graph)
+        weight_type = _weight_type(job.cfg)
+        quantize_dynamic(model, out / OUTPUT_FILE, op_types_to_quantize=list(DYNAMIC_OPS),
+                         per_channel=job.cfg.per_channel, weight_type=weight_type,
+                         nodes_to_exclude=heads + list(exclude), extra_options=_extra_options(model))
+        return _finish(job, out, exclude, {"scheme": {
+            "weights": f"{weight_type.name} symmetric " + ("per-channel" if job.cfg.per_channel else "per-tensor"),
+            "activations": "QUInt8, dynamic per batch"}})
+
+
+@register_method("ort-static-int8")
+class OrtStaticInt8(Method):
+    input = "onnx"
+    calibrated = True
+    # QDQ on the plain graph: ORT fuses DequantizeLinear/MatMul/QuantizeLinear into integer
+    # kernels when the session starts; the transformer fusions would hide MatMuls in Attention.
+    export_optimize = "none"
+
+    def check(self, cfg, device: str) -> None:
+        from compress.quantize import MIN_CALIBRATION
+
+        if cfg.calib_samples < MIN_CALIBRATION:
+            raise UserError(f"--calib-samples {cfg.calib_samples} is too small: ort-static-int8 needs at least "
+                            f"{MIN_CALIBRATION} examples to calibrate (128 or more gives stable ranges).")
+
+    def check_source(self, src: Path) -> None:
+        import onnx
+
+        model = onnx.load(str(onnx_path(src)), load_external_data=False)
+        if any(n.domain == "com.microsoft" for n in model.graph.node):
+            raise UserError(f"'{src}' is a fused ONNX graph (ONNX Runtime contrib operators such as Attention), and "
+                            "static QDQ calibration cannot infer the types inside it. Pass the PyTorch model (it is "
+                            "exported without fusion for you) or an export made with --optimize none or basic.")
+
+    def layers(self, job: Job) -> list[str]:
+        return candidate_nodes(load_graph(job.source), STATIC_OPS, weights_only=False)
+
+    def build(self, job: Job, out: Path, exclude: list[str]) -> dict[str, Any]:
+        import tempfile
+
+        import onnx
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        cfg = job.cfg
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            pre = Path(tmp) / "pre.onnx"
+            # Symbolic shape inference fails on these graphs; ONNX shape inference is enough.
+            quant_pre_process(load_graph(job.source), str(pre), skip_symbolic_shape=True)
+            model = onnx.load(str(pre))
+            inputs = {i.name for i in model.graph.input}
+            batches = [{k: v for k, v in b.items() if k in inputs} for b in job.calibration]
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    self._it = iter(batches)
+
+                def get_next(self):
+                    return next(self._it, None)
+
+            heads = excluded_heads(model.graph)
+            weight_type = _weight_type(cfg)
+            quantize_static(str(pre), str(out / OUTPUT_FILE), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(STATIC_OPS), per_channel=cfg.per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=weight_type,
+                            nodes_to_exclude=heads + list(exclude),
+                            calibrate_method=getattr(CalibrationMethod, CALIBRATION[cfg.calib_method]),
+                            extra_options={**_extra_options(model), "CalibTensorRangeSymmetric": False},
+                            calibration_providers=["CPUExecutionProvider"])
+        shutil.rmtree(out / "augmented_model.onnx", ignore_errors=True)
+        return _finish(job, out, exclude, {"scheme": {
+            "weights": f"{weight_type.name} symmetric " + ("per-channel" if cfg.per_channel else "per-tensor"),
+            "activations": f"QUInt8, static ({cfg.calib_method} on {cfg.calib_samples} examples)",
+            "format": "QDQ", "operators": list(STATIC_OPS)}})
