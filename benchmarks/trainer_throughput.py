@@ -1,0 +1,211 @@
+"""Training throughput: compress's loop against transformers.Trainer, on the same data and settings.
+
+(a) fine-tuning minilm-l6: `compress.loop.fit` (length-bucketed batches) vs `transformers.Trainer`
+    (its default random sampler, dynamic padding via DataCollatorWithPadding).
+(b) distillation with logit KD into a 2-layer student copied from the teacher: compress (teacher
+    logits cached in one pass before training, looked up per batch) vs the usual recipe, a Trainer
+    subclass whose compute_loss runs the teacher on every step.
+
+Both sides: the same first N training examples of rt-snippets (one epoch over them), batch size,
+max_length 128, padding to a multiple of 8, the same precision (bf16 autocast where the CPU has
+AMX/AVX512-BF16, else fp32), AdamW, lr 5e-5, no warm-up, grad clip 1.0, no evaluation or saving
+during the timed run, the same thread count. Samples/s = examples / seconds of the training loop;
+for compress distillation it is also given with the cache pass included.
+
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python benchmarks/trainer_throughput.py --examples 1280
+
+Writes benchmarks/results/trainer_throughput.json and .md (the .md is rendered from the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray], multiple: int = 8) -> float:
+    """Share of real tokens among all tokens the batches compute on."""
+    real = padded = 0
+    for idx in batches:
+        width = -(-int(lengths[idx].max()) // multiple) * multiple
+        real += int(lengths[idx].sum())
+        padded += width * len(idx)
+    return real / padded
+
+
+def trainer_args(out: str, batch_size: int, bf16: bool, seed: int):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1,
+                             learning_rate=5e-5, warmup_ratio=0.0, weight_decay=0.01, max_grad_norm=1.0,
+                             bf16=bf16, use_cpu=True, eval_strategy="no", save_strategy="no", logging_strategy="no",
+                             report_to=[], dataloader_num_workers=0, seed=seed, disable_tqdm=True)
+
+
+def run_trainer(model, tokenizer, ds, batch_size: int, bf16: bool, teacher=None, temperature: float = 2.0) -> dict:
+    """transformers.Trainer; with a teacher, the usual KD subclass that runs it on every step."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import DataCollatorWithPadding, Trainer
+
+    class DistillTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(**inputs)
+            with torch.no_grad():
+                t_logits = teacher(**{k: v for k, v in inputs.items() if k in INPUTS}).logits
+            kd = F.kl_div(F.log_softmax(out.logits.float() / temperature, -1),
+                          F.log_softmax(t_logits.float() / temperature, -1), log_target=True,
+                          reduction="batchmean") * temperature ** 2
+            loss = 0.5 * kd + 0.5 * out.loss
+            return (loss, out) if return_outputs else loss
+
+    with tempfile.TemporaryDirectory() as d:
+        cls = DistillTrainer if teacher is not None else Trainer
+        trainer = cls(model=model, args=trainer_args(d, batch_size, bf16, 0), train_dataset=ds,
+                      data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
+        t0 = time.perf_counter()
+        metrics = trainer.train().metrics
+        seconds = time.perf_counter() - t0
+    return {"samples_per_s": len(ds) / seconds, "seconds": seconds, "trainer_reported_samples_per_s":
+            metrics.get("train_samples_per_second")}
+
+
+def run_compress(model, train, val, pad_id: int, batch_size: int, precision: str, loss_fn=None, extra_seconds=0.0):
+    from compress.loop import LoopConfig, default_loss, fit
+
+    cfg = LoopConfig(epochs=1, batch_size=batch_size, lr=5e-5, warmup_ratio=0.0, weight_decay=0.01, grad_clip=1.0,
+                     precision=precision, checkpoint_every=0, progress=False, seed=0)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        result = fit(model, train=train, val=val, pad_id=pad_id, cfg=cfg, work=Path(d),
+                     loss_fn=loss_fn or default_loss, num_labels=2)
+        wall = time.perf_counter() - t0
+    # fit's own figure counts the training loop only (not the final evaluation or checkpoint).
+    out = {"samples_per_s": result.train_samples_per_s, "seconds": len(train) / result.train_samples_per_s,
+           "fit_wall_seconds": wall, "steps": result.steps}
+    if extra_seconds:
+        out["samples_per_s_with_cache"] = len(train) / (out["seconds"] + extra_seconds)
+        out["cache_seconds"] = extra_seconds
+    return out
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from compress.data import DataConfig, EncodedSplit, bucketed_batches, load_data, tokenize
+    from compress.distill.losses import DistillLoss, TeacherCache
+    from compress.distill.student import from_teacher_layers
+    from compress.hardware import cpu_info, resolve_precision
+    from compress.models import builtin_model_dir, load_tokenizer
+    from compress.artifacts import library_versions
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--examples", type=int, default=1280, help="training examples (one epoch over them)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--teacher", default=None, help="fine-tuned teacher dir for (b) (default: runs/teacher if it "
+                    "exists, else minilm-l6 with a new head: the speed is the same)")
+    ap.add_argument("--student-layers", default="0,3")
+    args = ap.parse_args()
+
+    precision = resolve_precision("auto", "cpu")
+    bf16 = precision == "bf16"
+    base = str(builtin_model_dir("minilm-l6"))
+    teacher_dir = args.teacher or ("runs/teacher" if Path("runs/teacher/manifest.json").is_file() else base)
+    tokenizer = load_tokenizer(base)
+    data = load_data(DataConfig())
+    ds = data["train"].shuffle(seed=0).select(range(args.examples))
+    tok_ds = tokenize(ds, tokenizer, 128).remove_columns(["length"])
+    train = EncodedSplit(tokenize(ds, tokenizer, 128))
+    val = EncodedSplit(tokenize(data["validation"].select(range(64)), tokenizer, 128))
+    rng = np.random.default_rng(0)
+    random_batches = np.array_split(rng.permutation(len(train)), -(-len(train) // args.batch_size))
+    results = {"padding_efficiency": {
+        "compress_bucketed": padding_efficiency(train.lengths, bucketed_batches(train.lengths, args.batch_size,
+                                                                                shuffle=True)),
+        "trainer_random_sampler": padding_efficiency(train.lengths, random_batches)}}
+
+    def fresh(path):
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+    print("(a) fine-tuning minilm-l6")
+    results["train_compress"] = run_compress(fresh(base), train, val, tokenizer.pad_token_id, args.batch_size, precision)
+    print("   compress:", results["train_compress"])
+    results["train_trainer"] = run_trainer(fresh(base), tokenizer, tok_ds, args.batch_size, bf16)
+    print("   Trainer: ", results["train_trainer"])
+
+    print("(b) logit distillation into a 2-layer student")
+    teacher = fresh(teacher_dir).eval()
+    layers = [int(x) for x in args.student_layers.split(",")]
+    t0 = time.perf_counter()
+    cache = TeacherCache(teacher, train, tokenizer.pad_token_id, batch_size=256, device="cpu",
+                         precision=precision).logits
+    cache_seconds = time.perf_counter() - t0
+    loss = DistillLoss(teacher, cache, losses=["logits"], temperature=2.0, alpha=0.5, hidden_weight=0,
+                       attention_weight=0, pairs=[(1, 1)])
+    student = from_teacher_layers(teacher, tokenizer, layers).model
+    results["distill_compress"] = run_compress(student, train, val, tokenizer.pad_token_id, args.batch_size,
+                                               precision, loss_fn=loss, extra_seconds=cache_seconds)
+    print("   compress:", results["distill_compress"])
+    student = from_teacher_layers(teacher, tokenizer, layers).model
+    results["distill_trainer"] = run_trainer(student, tokenizer, tok_ds, args.batch_size, bf16, teacher=teacher)
+    print("   Trainer: ", results["distill_trainer"])
+
+    results["speedup"] = {
+        "train": results["train_compress"]["samples_per_s"] / results["train_trainer"]["samples_per_s"],
+        "distill": results["distill_compress"]["samples_per_s"] / results["distill_trainer"]["samples_per_s"],
+        "distill_with_cache": results["distill_compress"]["samples_per_s_with_cache"]
+        / results["distill_trainer"]["samples_per_s"]}
+    report = {"benchmark": "trainer_throughput",
+              "settings": {"examples": args.examples, "batch_size": args.batch_size, "precision": precision,
+                           "max_length": 128, "pad_to_multiple_of": 8, "lr": 5e-5, "epochs": 1,
+                           "threads": torch.get_num_threads(), "model": "minilm-l6", "teacher": teacher_dir,
+                           "student_layers": layers, "temperature": 2.0, "alpha": 0.5,
+                           "trainer_sampler": "default (RandomSampler)", "collator": "DataCollatorWithPadding"},
+              "environment": {"cpu": cpu_info(), "python": platform.python_version(), "versions": library_versions()},
+              "results": results}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "trainer_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "trainer_throughput.md").write_text(render(report))
+    print(render(report))
+
+
+def render(report: dict) -> str:
+    """Markdown table from the JSON (never from logs)."""
+    r, s = report["results"], report["settings"]
+    rows = [("(a) fine-tune minilm-l6", "compress fit", r["train_compress"]["samples_per_s"], ""),
+            ("", "transformers.Trainer", r["train_trainer"]["samples_per_s"], f"{r['speedup']['train']:.2f}x"),
+            ("(b) logit KD, 2-layer student", "compress (cached teacher logits)", r["distill_compress"]["samples_per_s"],
+             ""),
+            ("", "  same, cache pass included", r["distill_compress"]["samples_per_s_with_cache"], ""),
+            ("", "Trainer subclass, teacher every step", r["distill_trainer"]["samples_per_s"],
+             f"{r['speedup']['distill']:.2f}x ({r['speedup']['distill_with_cache']:.2f}x with cache)")]
+    pe = r["padding_efficiency"]
+    lines = ["# Training throughput: compress vs transformers.Trainer", "",
+             f"{s['examples']} rt-snippets training examples, one epoch, batch {s['batch_size']}, {s['precision']}, "
+             f"max_length {s['max_length']}, padding to a multiple of {s['pad_to_multiple_of']}, "
+             f"{s['threads']} threads, CPU {report['environment']['cpu']['model']}.", "",
+             "| task | trainer | samples/s | compress speed-up |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c:.1f} | {d} |" for a, b, c, d in rows]
+    lines += ["", f"Real tokens among computed tokens: compress length-bucketed batches "
+                  f"{pe['compress_bucketed']:.1%}, Trainer's random batches {pe['trainer_random_sampler']:.1%}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""`compress distill`: train a smaller student to imitate a fine-tuned teacher.
+
+Distillation is the ordinary training loop (`compress.loop.fit`) with a different loss:
+soft targets from the teacher (cached once, before training), optionally hidden-state and
+attention matching between mapped layers. Unless `--no-baseline`, the same student (same
+initial weights, same schedule) is also trained on hard labels only, so every report shows
+what distillation bought. See docs/distill.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+from pydantic import Field, field_validator
+
+from compress import distributed as dist
+from compress.artifacts import atomic_output, weights_size, write_manifest
+from compress.data import check_labels, encode, load_data
+from compress.distill.losses import (LOSS_NAMES, DistillLoss, TeacherCache, disable_attention_dropout, layer_pairs,
+                                     make_projections)
+from compress.distill.student import build_student, layer_list
+from compress.errors import UserError
+from compress.loop import LoopConfig, default_loss, fit, predict_logits, prepare_work_dir
+from compress.metrics import classification_metrics
+from compress.models import load_classifier
+from compress.train import check_output
+
+REPORT = "distill_report.md"
+
+
+class DistillConfig(LoopConfig):
+    """Distil a fine-tuned classifier (the teacher) into a smaller student."""
+
+    teacher: str = Field(..., description="directory of a fine-tuned sequence classifier (e.g. made by compress train)")
+    student: str = Field("layers=2", description="layers=K or layers=I,J (copy teacher layers), a size spec like bert:layers=2,hidden=256,heads=4,ff=1024, or a local model directory")
+    out: str = Field(..., description="output artifact directory")
+    losses: list[str] = Field(["logits", "hidden"], description="comma-separated losses besides hard-label CE: logits (soft targets), hidden (hidden-state MSE), attention (attention KL)")
+    temperature: float = Field(2.0, gt=0, description="softmax temperature of the soft targets (the KL is scaled by T^2)")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target KL; hard-label CE gets 1 - alpha")
+    hidden_weight: float = Field(1.0, ge=0, description="weight of the hidden-state MSE")
+    attention_weight: float = Field(1.0, ge=0, description="weight of the attention-distribution KL")
+    layer_map: str = Field("uniform", description="student->teacher layers for hidden/attention losses: uniform, last, or pairs like 1:3,2:6 (1-based)")
+    prune_vocab: bool = Field(False, description="keep only the tokens of the training data (plus special tokens) in the student")
+    min_token_count: int = Field(1, ge=1, description="with --prune-vocab, keep tokens seen at least this many times in training")
+    baseline: bool = Field(True, description="also train the same student on hard labels only and report both")
+    hidden_cache_gb: float = Field(4.0, ge=0, description="for the hidden loss, keep the teacher's hidden states of the mapped layers in memory (bf16) when they fit in this many GB, instead of running the teacher each step (0 = never)")
+    teacher_batch_size: int = Field(256, ge=1, description="examples per batch when caching the teacher's logits")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    epochs: int = Field(3, ge=1, description="passes over the training split")
+    force: bool = Field(False, description="replace an existing output directory")
+    trust_remote_code: bool = Field(False, description="allow model code from the checkpoints (only for sources you trust)")
+
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, value: list[str]) -> list[str]:
+        unknown = [n for n in value if n not in LOSS_NAMES]
+        if unknown:
+            raise ValueError(f"unknown loss {', '.join(map(repr, unknown))}; choose from {', '.join(LOSS_NAMES)}")
+        return value
+
+
+def load_teacher(path: str):
+    """The teacher classifier and its tokenizer, or a UserError saying what is wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"The teacher directory '{path}' does not exist. Pass --teacher DIR, a classifier made by "
+                        "`compress train` (or any local sequence-classification model).")
+    return load_classifier(p)
+
+
+def check_teacher_labels(data, config) -> list[int] | None:
+    """Dataset label id -> teacher label id, refusing label sets that differ."""
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    if all(n.startswith("LABEL_") for n in names):
+        if data.num_labels != config.num_labels:
+            raise UserError(f"The teacher predicts {config.num_labels} labels but the dataset '{data.source}' has "
+                            f"{data.num_labels} ({', '.join(data.label_names)}). Distil on the data the teacher "
+                            "was trained for.")
+        return None
+    if set(names) != set(data.label_names):
+        raise UserError(f"The teacher's labels ({', '.join(names)}) differ from the labels of '{data.source}' "
+                        f"({', '.join(data.label_names)}). Distil on the data the teacher was trained for.")
+    return check_labels(data, config.label2id, config.num_labels)
+
+
+def _saved_size(model) -> int:
+    """Bytes of the safetensors weights `model` would ship with."""
+    with tempfile.TemporaryDirectory(prefix="size-") as d:
+        model.save_pretrained(d, safe_serialization=True)
+        return weights_size(d)
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def render_report(rows: list[dict], vocab: dict | None, settings: str) -> str:
+    """distill_report.md: a pure function of what the manifest records."""
+    lines = ["# Distillation report", "", settings, "",
+             "| model | test accuracy | of teacher | macro-F1 | parameters | size on disk |",
+             "|---|---|---|---|---|---|"]
+    teacher_acc = rows[0]["test_accuracy"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['test_accuracy']:.4f} | {r['test_accuracy'] / teacher_acc:.1%} | "
+                     f"{r['test_macro_f1']:.4f} | {r['parameters'] / 1e6:.2f} M | {r['size_bytes'] / 1e6:.1f} MB |")
+    if vocab:
+        lines += ["", "## Vocabulary pruning", "",
+                  f"- tokens: {vocab['tokens_before']} -> {vocab['tokens_after']} (min count {vocab['min_count']})",
+                  f"- embedding parameters: {vocab['embedding_params_before'] / 1e6:.2f} M -> "
+                  f"{vocab['embedding_params_after'] / 1e6:.2f} M",
+                  f"- student size on disk: {vocab['size_bytes_before'] / 1e6:.1f} MB -> {vocab['size_bytes_after'] / 1e6:.1f} MB",
+                  f"- [UNK] share of validation tokens: {vocab['unk_share_before']['validation']:.3%} -> "
+                  f"{vocab['unk_share_after']['validation']:.3%}; test: {vocab['unk_share_before']['test']:.3%} -> "
+                  f"{vocab['unk_share_after']['test']:.3%}"]
+    return "\n".join(lines) + "\n"
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Distil `cfg.teacher` into the student `cfg.student` on `cfg.dataset`; write it to `cfg.out`.
+
+    Returns:
+        The student artifact directory (save_pretrained layout, manifest.json with test metrics of
+        teacher, student and hard-label baseline, and distill_report.md).
+    """
+    import torch
+
+    from compress.hardware import resolve_device, resolve_precision
+    from compress.prune_vocab import prune_vocab, unk_share
+
+    out = Path(cfg.out)
+    work = check_output(out, cfg.force, cfg.resume)
+    device = dist.setup(resolve_device(cfg.device))  # before any rank touches the work directory
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # the cache passes run before fit() would set it
+    teacher, t_tok = load_teacher(cfg.teacher)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    # Everything that can be checked without the data is checked first, so bad specs fail fast.
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg.student, teacher, t_tok, cfg.trust_remote_code)
+    n_student = student.model.config.num_hidden_layers
+    n_teacher = len(layer_list(teacher)[1])
+    pairs = layer_pairs(cfg.layer_map, n_student, n_teacher)
+    if "attention" in cfg.losses:
+        if student.model.config.num_attention_heads != teacher.config.num_attention_heads:
+            raise UserError(f"The attention loss compares attention maps head by head, but the student has "
+                            f"{student.model.config.num_attention_heads} heads and the teacher "
+                            f"{teacher.config.num_attention_heads}. Give the student the teacher's head count, or "
+                            "drop 'attention' from --losses.")
+        disable_attention_dropout(student.model)
+    data = load_data(cfg)
+    label_map = check_teacher_labels(data, teacher.config)
+
+    t_enc = encode(data, t_tok, cfg.max_length, label_map)
+    prepare_work_dir(work, cfg.resume, cfg.force)
+    vocab_stats, teacher_ids = None, None
+    s_tok, s_enc = student.tokenizer, t_enc
+    if student.kind == "dir":
+        s_enc = encode(data, s_tok, cfg.max_length, label_map)
+    if cfg.prune_vocab:
+        size_before, emb_before = _saved_size(student.model), student.model.get_input_embeddings().weight.numel()
+        s_tok, vocab = prune_vocab(student.model, s_tok, s_enc["train"].input_ids, min_count=cfg.min_token_count,
+                                   directory=work / "tokenizer")
+        teacher_ids = vocab.kept  # new id -> teacher id, so the per-step teacher sees the student's tokens
+        s_enc = encode(data, s_tok, cfg.max_length, label_map)
+        vocab_stats = {
+            "tokens_before": vocab.old_size, "tokens_after": vocab.new_size, "min_count": cfg.min_token_count,
+            "embedding_params_before": emb_before,
+            "embedding_params_after": student.model.get_input_embeddings().weight.numel(),
+            "size_bytes_before": size_before, "size_bytes_after": _saved_size(student.model),
+            "unk_share_before": {s: unk_share(t_enc[s].input_ids, t_tok.unk_token_id) for s in ("validation", "test")},
+            "unk_share_after": {s: unk_share(s_enc[s].input_ids, s_tok.unk_token_id) for s in ("validation", "test")},
+        }
+        if dist.is_main():
+            print(f"vocabulary pruned: {vocab.old_size} -> {vocab.new_size} tokens; "
+                  f"embedding {emb_before / 1e6:.2f} M -> {vocab_stats['embedding_params_after'] / 1e6:.2f} M params")
+    baseline_model = copy.deepcopy(student.model) if cfg.baseline else None
+
+    precision = resolve_precision(cfg.precision, device.split(":")[0])
+    pad_id = s_tok.pad_token_id
+    calls = {"n": 0}
+    teacher.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    projections = (make_projections(pairs, student.model.config.hidden_size, teacher.config.hidden_size)
+                   if "hidden" in cfg.losses else None)
+    cache_layers = sorted({t for _, t in pairs}) if "hidden" in cfg.losses else []
+    need = TeacherCache.hidden_bytes(s_enc["train"], teacher.config.hidden_size, len(cache_layers))
+    if need > cfg.hidden_cache_gb * 1e9:
+        if dist.is_main():
+            print(f"teacher hidden states need {need / 1e9:.1f} GB > --hidden-cache-gb {cfg.hidden_cache_gb}: "
+                  "the teacher runs on every step instead")
+        cache_layers = []
+    cache = None
+    if "logits" in cfg.losses or cache_layers:
+        if dist.is_main():
+            print(f"caching teacher outputs for {len(s_enc['train'])} training examples"
+                  + (f" (logits, hidden states of layers {cache_layers})" if cache_layers else " (logits)"))
+        cache = TeacherCache(teacher, s_enc["train"], pad_id, layers=cache_layers, batch_size=cfg.teacher_batch_size,
+                             device=device, precision=precision, teacher_ids=teacher_ids)
+    cache_calls = calls["n"]
+    loss = DistillLoss(teacher, cache.logits if cache is not None else None, losses=cfg.losses,
+                       temperature=cfg.temperature, alpha=cfg.alpha, hidden_weight=cfg.hidden_weight,
+                       attention_weight=cfg.attention_weight, pairs=pairs, projections=projections,
+                       teacher_ids=teacher_ids, hidden_cache=cache if cache_layers else None)
+    if not loss.needs_teacher_forward:
+        teacher.to("cpu")  # not needed again: free accelerator memory
+    result = fit(student.model, train=s_enc["train"], val=s_enc["validation"], pad_id=pad_id, cfg=cfg,
+                 work=work, loss_fn=loss, extra=projections, num_labels=data.num_labels)
+    train_calls = calls["n"] - cache_calls
+
+    def test_metrics(model, enc, pad):
+        model.to(device)
+        logits = predict_logits(model, enc["test"], pad, batch_size=cfg.eval_batch_size, device=device,
+                                precision="fp32", shard=True)
+        return classification_metrics(logits, enc["test"].labels, data.num_labels)
+
+    rows = [{"name": "teacher", **_row(test_metrics(teacher, t_enc, t_tok.pad_token_id), teacher,
+                                       weights_size(cfg.teacher))},
+            {"name": "student (KD)", **_row(test_metrics(student.model, s_enc, pad_id), student.model,
+                                            _saved_size(student.model.to("cpu")))}]
+    if dist.is_main():
+        print(f"teacher test accuracy {rows[0]['test_accuracy']:.4f}, student (KD) {rows[1]['test_accuracy']:.4f}"
+              + ("; now the no-KD baseline" if baseline_model is not None else ""))
+    baseline = None
+    if baseline_model is not None:
+        (work / "baseline").mkdir(parents=True, exist_ok=True)
+        baseline = fit(baseline_model, train=s_enc["train"], val=s_enc["validation"], pad_id=pad_id, cfg=cfg,
+                       work=work / "baseline", loss_fn=default_loss, num_labels=data.num_labels)
+        rows.append({"name": "student (no KD)", **_row(test_metrics(baseline_model, s_enc, pad_id), baseline_model,
+                                                       _saved_size(baseline_model.to("cpu")))})
+    settings = (f"Teacher `{cfg.teacher}`, student `{cfg.student}` ({student.kind}, {n_student} layers"
+                + (f": teacher layers {student.layers}" if student.layers else "") + f"), losses {cfg.losses}, "
+                f"T={cfg.temperature}, alpha={cfg.alpha}, layer pairs {pairs}, {cfg.epochs} epochs, lr {cfg.lr}, "
+                f"batch {cfg.batch_size}, {precision}. Dataset `{data.source}`; test split, fp32. "
+                "The no-KD baseline is the same initial student trained with the same schedule on hard labels "
+                "only; only its metrics are kept.")
+    report = render_report(rows, vocab_stats, settings)
+    metrics = {"validation": result.best_metrics, "test": rows[1]["test"],
+               "seconds_per_epoch": round(result.seconds_per_epoch, 2),
+               "train_samples_per_s": round(result.train_samples_per_s, 1), "steps": result.steps}
+    if dist.is_main():
+        student.model.to("cpu")
+        with atomic_output(out, force=cfg.force) as tmp:
+            student.model.save_pretrained(tmp, safe_serialization=True)
+            s_tok.save_pretrained(tmp)
+            if (work / "log.jsonl").is_file():
+                shutil.copy2(work / "log.jsonl", tmp / "train_log.jsonl")
+            (tmp / REPORT).write_text(report)
+            write_manifest(tmp, stage="distill", config=cfg.model_dump(), parent=cfg.teacher, metrics=metrics,
+                           comparison=[{k: v for k, v in r.items() if k != "test"} for r in rows],
+                           baseline={"validation": baseline.best_metrics, "test": rows[2]["test"],
+                                     "steps": baseline.steps} if baseline else None,
+                           student={"kind": student.kind, "teacher_layers": student.layers, "layer_pairs": pairs},
+                           vocab=vocab_stats, teacher_forward_calls={"cache": cache_calls, "training": train_calls},
+                           data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts},
+                           history=result.history)
+        shutil.rmtree(work, ignore_errors=True)
+        print(report)
+    dist.barrier()
+    return out
+
+
+def _row(metrics: dict, model, size: int) -> dict:
+    return {"test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
+            "parameters": _params(model), "size_bytes": size, "test": metrics}

@@ -1,0 +1,226 @@
+"""Distillation on tiny models: student initialisation, losses, the teacher cache, the CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compress.cli import main
+from compress.distill.losses import DistillLoss, disable_attention_dropout, layer_pairs, make_projections
+from compress.distill.student import build_student, choose_layers, from_teacher_layers
+from compress.errors import UserError
+
+
+def random_classifier(layers=4, hidden=64, heads=4, vocab=1500, seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=2 * hidden, num_labels=2, id2label={0: "negative", 1: "positive"},
+                     label2id={"negative": 0, "positive": 1})
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_teacher):
+    from compress.models import load_tokenizer
+
+    return load_tokenizer(tiny_teacher)
+
+
+@pytest.fixture(scope="module")
+def toy_batch(tokenizer):
+    texts = ["a gripping , beautifully acted film", "dull and far too long", "the best comedy of the year",
+             "a mess from start to finish", "warm , funny and wise", "nothing works here"] * 2
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "token_type_ids": enc["token_type_ids"], "labels": torch.tensor([1, 0, 1, 0, 1, 0] * 2),
+            "index": torch.arange(len(texts))}
+
+
+def test_evenly_spaced_and_explicit_layers():
+    assert choose_layers("layers=2", 6) == [0, 3]
+    assert choose_layers("layers=3", 6) == [0, 2, 4]
+    assert choose_layers("layers=6", 6) == list(range(6))
+    assert choose_layers("layers=0,5", 6) == [0, 5]
+    for bad in ("layers=7", "layers=0,6", "layers=3,1", "layers=x"):
+        with pytest.raises(UserError):
+            choose_layers(bad, 6)
+
+
+def test_student_copies_exactly_the_chosen_layers(tokenizer):
+    teacher = random_classifier(layers=4)
+    student = from_teacher_layers(teacher, tokenizer, [1, 3]).model
+    t, s = teacher.state_dict(), student.state_dict()
+    assert student.config.num_hidden_layers == 2
+    assert len(s) == len(t) - 2 * sum(k.startswith("bert.encoder.layer.0.") for k in t)
+    for key, value in s.items():
+        source = key.replace("encoder.layer.0.", "encoder.layer.1.") if ".layer.0." in key else \
+            key.replace("encoder.layer.1.", "encoder.layer.3.")
+        assert torch.equal(value, t[source]), key
+    # Embeddings, pooler and classifier come along unchanged.
+    for key in ("bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "classifier.weight"):
+        assert torch.equal(s[key], t[key])
+
+
+def test_size_spec_student_shares_the_teacher_tokenizer(tokenizer):
+    teacher = random_classifier(layers=2)
+    student = build_student("bert:layers=1,hidden=32,heads=2,ff=64", teacher, tokenizer)
+    assert student.kind == "spec" and student.tokenizer is tokenizer
+    assert student.model.config.vocab_size == len(tokenizer)
+    assert student.model.config.id2label == teacher.config.id2label
+    with pytest.raises(UserError, match="not divisible"):
+        build_student("bert:layers=1,hidden=30,heads=4", teacher, tokenizer)
+
+
+def test_layer_maps():
+    assert layer_pairs("uniform", 2, 6) == [(1, 3), (2, 6)]
+    assert layer_pairs("uniform", 3, 6) == [(1, 2), (2, 4), (3, 6)]
+    assert layer_pairs("last", 2, 6) == [(1, 5), (2, 6)]
+    assert layer_pairs("1:1,2:6", 2, 6) == [(1, 1), (2, 6)]
+    for bad in ("3:1", "1:7", "1-2", ""):
+        with pytest.raises(UserError):
+            layer_pairs(bad, 2, 6)
+
+
+@pytest.mark.parametrize("name", ["logits", "hidden", "attention"])
+def test_each_loss_decreases(name, toy_batch):
+    teacher = random_classifier(layers=4, seed=1)
+    # A narrower student exercises the learned projection of the hidden-state loss.
+    student = random_classifier(layers=2, hidden=64 if name == "attention" else 32, seed=2).train()
+    if name == "attention":
+        # Random weights attend almost uniformly; sharpen the teacher so there is something to learn.
+        with torch.no_grad():
+            for layer in teacher.bert.encoder.layer:
+                layer.attention.self.query.weight.mul_(4)
+                layer.attention.self.key.weight.mul_(4)
+    with torch.no_grad():
+        cache = teacher(**{k: toy_batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits.numpy()
+    pairs = layer_pairs("uniform", 2, 4)
+    proj = make_projections(pairs, student.config.hidden_size, 64) if name == "hidden" else None
+    if name == "attention":
+        assert disable_attention_dropout(student) == 2
+    loss_fn = DistillLoss(teacher, cache, losses=[name], temperature=2.0, alpha=1.0, hidden_weight=1.0,
+                          attention_weight=1.0, pairs=pairs, projections=proj)
+    params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    opt = torch.optim.Adam(params, lr=3e-3)
+    key = {"logits": "kd"}.get(name, name)
+    values = []
+    for _ in range(8):
+        loss, parts = loss_fn(student, toy_batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        values.append(parts[key])
+    assert values[-1] < 0.7 * values[0], values
+
+
+def test_soft_target_loss_is_zero_when_student_equals_teacher(toy_batch):
+    teacher = random_classifier(layers=2, seed=3)
+    inputs = {k: toy_batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        cache = teacher(**inputs).logits.numpy()
+    loss_fn = DistillLoss(teacher, cache, losses=["logits"], temperature=4.0, alpha=1.0, hidden_weight=0,
+                          attention_weight=0, pairs=[(1, 1)])
+    with torch.no_grad():
+        loss, parts = loss_fn(teacher, toy_batch)
+    assert abs(parts["kd"]) < 1e-5
+
+
+def distill_args(teacher, out, *extra):
+    return ["distill", "--teacher", str(teacher), "--out", str(out), "--max-examples", "96", "--batch-size", "32",
+            "--precision", "fp32", "--threads", "2", "--no-progress", "--lr", "1e-3", *extra]
+
+
+def test_distill_logit_kd_uses_the_cache_and_writes_the_report(tiny_teacher, tmp_path):
+    from compress.models import load_classifier
+
+    out = tmp_path / "student"
+    assert main(distill_args(tiny_teacher, out, "--student", "layers=1", "--losses", "logits", "--epochs", "2",
+                             "--prune-vocab")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    # One length-sorted pass caches the logits (96 examples <= 256 per batch); epochs never run the teacher.
+    assert m["teacher_forward_calls"] == {"cache": 1, "training": 0}
+    assert [r["name"] for r in m["comparison"]] == ["teacher", "student (KD)", "student (no KD)"]
+    assert m["comparison"][1]["parameters"] < m["comparison"][0]["parameters"]
+    assert m["metrics"]["steps"] == 6 and m["baseline"]["steps"] == 6
+    v = m["vocab"]
+    assert v["tokens_after"] < v["tokens_before"] and v["size_bytes_after"] < v["size_bytes_before"]
+    assert v["embedding_params_after"] == v["tokens_after"] * 64
+    assert "| student (no KD) |" in (out / "distill_report.md").read_text()
+    model, tok = load_classifier(out)
+    assert model.config.vocab_size == len(tok) == v["tokens_after"]
+    assert model.config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("losses, cache_gb, calls", [
+    ("logits,hidden", "4", {"cache": 1, "training": 0}),  # one pass caches logits and hidden states
+    ("hidden,attention", "0", {"cache": 0, "training": 2}),  # nothing cached: the teacher runs every step
+])
+def test_teacher_calls_per_loss(losses, cache_gb, calls, tiny_teacher, tmp_path):
+    out = tmp_path / "student"
+    assert main(distill_args(tiny_teacher, out, "--student", "bert:layers=1,hidden=32,heads=4,ff=64",
+                             "--losses", losses, "--hidden-cache-gb", cache_gb, "--max-steps", "2",
+                             "--no-baseline")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["teacher_forward_calls"] == calls
+    assert m["baseline"] is None and len(m["comparison"]) == 2
+
+
+def test_cached_hidden_states_match_the_live_teacher(tiny_teacher):
+    from compress.data import DataConfig, encode, load_data
+    from compress.distill.losses import TeacherCache
+    from compress.models import load_classifier
+
+    teacher, tok = load_classifier(tiny_teacher)
+    split = encode(load_data(DataConfig(max_examples=40)), tok, 128, splits=("train",))["train"]
+    cache = TeacherCache(teacher, split, tok.pad_token_id, layers=[1, 2], batch_size=16, device="cpu",
+                         precision="fp32")
+    from compress.data import collate
+
+    idx = np.array([3, 17, 5])
+    b = collate(split, idx, tok.pad_token_id)
+    with torch.no_grad():
+        out = teacher.eval()(**{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
+                             output_hidden_states=True)
+    live, live_logits = out.hidden_states[2], out.logits
+    cached = cache.hidden(2, idx, b["input_ids"].shape[1], "cpu").float()
+    assert np.allclose(cache.logits[idx], live_logits.numpy(), atol=1e-5)
+    mask = b["attention_mask"].unsqueeze(-1).bool()
+    assert torch.allclose(cached.masked_select(mask), live.masked_select(mask), atol=0.05, rtol=0.01)
+    assert float(cached.masked_select(~mask).abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("case", ["missing", "not_classifier", "labels", "too_many_layers", "heads", "index",
+                                  "temperature", "loss", "vocab", "layer_map"])
+def test_bad_input_exits_2_without_output(case, tiny_teacher, tiny_csv_dir, tmp_path, capsys):
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from compress.models import train_wordpiece
+
+    teacher, extra = tiny_teacher, []
+    if case == "missing":
+        teacher = tmp_path / "nope"
+    elif case == "not_classifier":
+        teacher = tmp_path / "bare"
+        BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32)).save_pretrained(teacher)
+    elif case == "labels":
+        extra = ["--dataset", str(tiny_csv_dir), "--text-column", "review", "--label-column", "sentiment"]
+    elif case == "vocab":
+        other = tmp_path / "other"
+        tok = train_wordpiece(["some other words entirely"] * 10, vocab_size=100)
+        BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32)).save_pretrained(other)
+        tok.save_pretrained(other)
+        extra = ["--student", str(other)]
+    extra += {"too_many_layers": ["--student", "layers=3"], "heads": ["--student", "bert:layers=1,hidden=30,heads=4"],
+              "index": ["--student", "layers=0,2"], "temperature": ["--temperature", "0"],
+              "loss": ["--losses", "logits,dark_knowledge"], "layer_map": ["--layer-map", "1:9"]}.get(case, [])
+    out = tmp_path / "out"
+    assert main(distill_args(teacher, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert not out.exists() and not Path(str(out) + ".work").exists()
