@@ -126,3 +126,8 @@ def test_unquoted_reference_in_flow_list_gets_a_hint(tmp_path):
     p = write(tmp_path, "stages:\n  t:\n    type: train\n    model: x\n  b:\n    type: bench\n    artifacts: [a=${t}]\n")
     with pytest.raises(UserError, match=r"r.yaml:7: .*must be quoted"):
         load_recipe(p)
+
+
+def test_set_accepts_numbers_for_text_fields():
+    recipe = load_recipe(RECIPES[0].with_name("quickstart.yaml"), ["int8.max_drop=0.5"])
+    assert [s for s in recipe.stages if s.name == "int8"][0].config.max_drop == "0.5"

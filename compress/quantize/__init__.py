@@ -52,6 +52,12 @@ class QuantizeConfig(DataConfig):
             raise ValueError(f"unknown method (known methods: {', '.join(sorted(METHODS))}, auto)")
         return v
 
+    @field_validator("max_drop", mode="before")
+    @classmethod
+    def _drop_number_as_text(cls, v):
+        # YAML and --set give 0.5 as a float; the field keeps the user's text ("0.5" or "2%").
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
     @field_validator("max_drop")
     @classmethod
     def _drop_format(cls, v: str | None) -> str | None:
