@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path

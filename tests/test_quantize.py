@@ -1,7 +1,6 @@
 """compress quantize on the tiny teacher: every method, the artifact formats, bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

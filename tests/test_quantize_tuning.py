@@ -7,7 +7,6 @@ re-centred and the data relabelled with the fp32 model's own predictions (fp32 a
 100%), so every prediction int8 flips is a lost accuracy point.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -123,7 +123,7 @@ def measure_artifact(job: dict) -> dict:
         for b in cfg.batch_sizes:
             for s in cfg.seq_lens:
                 batch = make_batch(runner.tokenizer, texts, b, s)
-                stats = latency(lambda: runner.logits(batch), warmup=cfg.warmup, budget_s=cfg.budget_s,
+                stats = latency(lambda r=runner, x=batch: r.logits(x), warmup=cfg.warmup, budget_s=cfg.budget_s,
                                 min_iters=cfg.min_iters, target_rel=cfg.target_ci, timer=timer)
                 points.append(_point(b, s, stats))
 

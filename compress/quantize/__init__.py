@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from compress.artifacts import atomic_output, copy_support_files, fingerprint, read_manifest, weights_size, write_manifest
+from compress.artifacts import atomic_output, fingerprint, read_manifest, weights_size, write_manifest
 from compress.data import DataConfig
 from compress.errors import GateFailed, UserError
 

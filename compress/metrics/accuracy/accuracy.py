@@ -2,6 +2,8 @@
 
 Loaded with `evaluate.load(<this directory>)`. Keep one import per line: evaluate's
 import scanner misreads `import a, b`.
+Self-contained on purpose: evaluate copies this one file into its module cache, so it
+cannot import a helper shared with the other metric module.
 """
 
 import datasets

@@ -1,5 +1,7 @@
 """F1 (macro by default), shipped with compress because `evaluate` cannot fetch metric
 scripts offline. Loaded with `evaluate.load(<this directory>)`. One import per line.
+Self-contained on purpose: evaluate copies this one file into its module cache, so it
+cannot import a helper shared with the other metric module.
 """
 
 import datasets
