@@ -48,7 +48,7 @@ def test_torch_dynamic_int8_is_small_and_round_trips(tiny_teacher, tmp_path):
     runner = load_runner(out)
     assert runner.format == "torch-int8"
     model, tok = load_classifier(tiny_teacher)
-    quantize_model(model, [], per_channel=False)
+    quantize_model(model, [], per_channel=True)  # the default scheme
     batch = tok(["a fine film", "dull, flat and far too long"], padding=True, return_tensors="np")
     batch = {k: v.astype(np.int64) for k, v in batch.items()}
     with torch.inference_mode():
