@@ -297,7 +297,11 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
                     scaler.unscale_(optimizer)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
