@@ -256,6 +256,11 @@ def _stamp(out: Path, value: str) -> None:
     os.replace(tmp, target)
 
 
+def _work_marker(stage: Stage) -> Path:
+    """Which config an unfinished training run in `<out>.work` belongs to (its stage hash)."""
+    return stage.out.with_name(f".{stage.out.name}.work-hash")
+
+
 def plan(recipe: Recipe, from_stage: str | None = None) -> list[tuple[Stage, str]]:
     """(stage, 'skip' | 'run' | 'resume') for each stage, in order."""
     names = [s.name for s in recipe.stages]
@@ -270,8 +275,9 @@ def plan(recipe: Recipe, from_stage: str | None = None) -> list[tuple[Stage, str
             out.append((s, "skip"))
         else:
             rerun = True  # everything after a re-run stage runs again: its inputs changed
-            started = (work / "checkpoint" / "state.json").is_file() and (work / "recipe_hash").is_file() \
-                and (work / "recipe_hash").read_text() == s.hash
+            marker = _work_marker(s)
+            started = (work / "checkpoint" / "state.json").is_file() and marker.is_file() \
+                and marker.read_text() == s.hash
             out.append((s, "resume" if started else "run"))
     return out
 
@@ -286,10 +292,10 @@ def _run_stage(stage: Stage, action: str) -> None:
         cfg = cfg.model_copy(update={"force": True})  # the recipe owns its output directory
     if action == "resume":
         cfg = cfg.model_copy(update={"resume": True})
-    work = stage.out.with_name(stage.out.name + ".work")
     if stage.type in ("train", "distill"):
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "recipe_hash").write_text(stage.hash)
+        # Beside the work directory, not in it: a fresh run clears its work directory.
+        _work_marker(stage).parent.mkdir(parents=True, exist_ok=True)
+        _work_marker(stage).write_text(stage.hash)
     if stage.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={stage.nproc}",
                "-m", "compress", stage.type, *to_argv(cfg)]
@@ -318,6 +324,7 @@ def run(cfg: RunConfig) -> Recipe:
         t0 = time.perf_counter()
         _run_stage(stage, action)
         _stamp(stage.out, stage.hash)
+        _work_marker(stage).unlink(missing_ok=True)
         print(f"== {stage.name} done in {time.perf_counter() - t0:.0f} s -> {stage.out}")
     last = recipe.stages[-1]
     report = last.out / "report.html"

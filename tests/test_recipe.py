@@ -131,3 +131,17 @@ def test_unquoted_reference_in_flow_list_gets_a_hint(tmp_path):
 def test_set_accepts_numbers_for_text_fields():
     recipe = load_recipe(RECIPES[0].with_name("quickstart.yaml"), ["int8.max_drop=0.5"])
     assert [s for s in recipe.stages if s.name == "int8"][0].config.max_drop == "0.5"
+
+
+def test_interrupted_training_stage_resumes_only_with_the_same_config(tmp_path):
+    p = write(tmp_path, TINY.replace("OUT", str(tmp_path / "o")))
+    recipe = load_recipe(p)
+    teacher = recipe.stages[0]
+    # What a run killed mid-training leaves: a checkpoint in <out>.work and the marker beside it.
+    state = teacher.out.with_name("teacher.work") / "checkpoint" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    teacher.out.with_name(".teacher.work-hash").write_text(teacher.hash)
+    assert [a for _, a in plan(recipe)] == ["resume", "run"]
+    # A changed key must not continue the old run.
+    assert [a for _, a in plan(load_recipe(p, ["teacher.lr=0.001"]))] == ["run", "run"]
