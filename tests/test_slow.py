@@ -15,10 +15,10 @@ def test_minilm_chain_on_real_data(tmp_path):
     from compress.quantize import QuantizeConfig, quantize
     from compress.train import TrainConfig, train
 
-    teacher = train(TrainConfig(model="minilm-l6", max_examples=1000, epochs=1, batch_size=32, lr=1e-4,
+    teacher = train(TrainConfig(model="minilm-l6", max_examples=1000, epochs=3, batch_size=32, lr=1e-4,
                                 precision="fp32", progress=False, out=str(tmp_path / "teacher")))
     fp32 = json.loads((teacher / "manifest.json").read_text())["metrics"]["test"]
-    assert fp32["accuracy"] > 0.70  # pretrained MiniLM learns sentiment from 1,000 examples in one epoch
+    assert fp32["accuracy"] > 0.72  # majority class is 0.59; measured 0.78 on 1,000 examples, 3 epochs
 
     onnx = export(ExportConfig(model=str(teacher), out=str(tmp_path / "onnx"), optimize="transformer",
                                parity_examples=32, max_examples=200))
