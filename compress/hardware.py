@@ -79,7 +79,7 @@ def resolve_precision(precision: str, device: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if has_fast_bf16_cpu() else "fp32"
     if precision == "fp16" and device != "cuda":
-        raise UserError("fp16 training needs a CUDA GPU; on the CPU use --precision bf16 (fast with AMX/AVX512-BF16) or fp32.")
+        raise UserError("fp16 training needs a CUDA GPU; on the CPU use fp32, or --precision bf16 on a CPU with AMX (without AMX bf16 is slower than fp32).")
     return precision
 
 

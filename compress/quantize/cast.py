@@ -57,4 +57,4 @@ class Fp16(Cast):
     def check(self, cfg, device: str) -> None:
         if device != "cuda":
             raise UserError("--method fp16 needs a CUDA GPU (fp16 matmuls on the CPU are emulated and slow). "
-                            "On the CPU use bf16 (fast with AMX/AVX512-BF16) or an int8 method; on a GPU pass --device cuda.")
+                            "On the CPU use an int8 method, or bf16 on a CPU with AMX; on a GPU pass --device cuda.")
