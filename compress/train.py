@@ -33,14 +33,19 @@ def check_output(out: Path, force: bool, resume: bool) -> Path:
 
 
 def save_artifact(model, tokenizer, out: Path, work: Path, *, force: bool, stage: str, config: dict,
-                  parent: str | None, metrics: dict, **extra) -> None:
-    """Write the final artifact atomically (rank 0 only) and remove the run directory."""
+                  parent: str | None, metrics: dict, files: dict[str, str] | None = None, **extra) -> None:
+    """Write the final artifact atomically (rank 0 only) and remove the run directory.
+
+    `files` are extra text files (name -> content) written into the artifact, e.g. a report.
+    """
     if dist.is_main():
         with atomic_output(out, force=force) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if (work / "log.jsonl").is_file():
                 shutil.copy2(work / "log.jsonl", tmp / "train_log.jsonl")
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
             write_manifest(tmp, stage=stage, config=config, parent=parent, metrics=metrics, **extra)
         shutil.rmtree(work, ignore_errors=True)
     dist.barrier()

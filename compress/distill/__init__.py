@@ -25,7 +25,7 @@ from compress.errors import UserError
 from compress.loop import LoopConfig, default_loss, fit, predict_logits, prepare_work_dir
 from compress.metrics import classification_metrics
 from compress.models import load_classifier
-from compress.train import check_output
+from compress.train import check_output, save_artifact
 
 REPORT = "distill_report.md"
 
@@ -241,25 +241,18 @@ def distill(cfg: DistillConfig) -> Path:
     metrics = {"validation": result.best_metrics, "test": rows[1]["test"],
                "seconds_per_epoch": round(result.seconds_per_epoch, 2),
                "train_samples_per_s": round(result.train_samples_per_s, 1), "steps": result.steps}
+    student.model.to("cpu")
+    save_artifact(student.model, s_tok, out, work, force=cfg.force, stage="distill", config=cfg.model_dump(),
+                  parent=cfg.teacher, metrics=metrics, files={REPORT: report},
+                  comparison=[{k: v for k, v in r.items() if k != "test"} for r in rows],
+                  baseline={"validation": baseline.best_metrics, "test": rows[2]["test"],
+                            "steps": baseline.steps} if baseline else None,
+                  student={"kind": student.kind, "teacher_layers": student.layers, "layer_pairs": pairs},
+                  vocab=vocab_stats, teacher_forward_calls={"cache": cache_calls, "training": train_calls},
+                  data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts},
+                  history=result.history)
     if dist.is_main():
-        student.model.to("cpu")
-        with atomic_output(out, force=cfg.force) as tmp:
-            student.model.save_pretrained(tmp, safe_serialization=True)
-            s_tok.save_pretrained(tmp)
-            if (work / "log.jsonl").is_file():
-                shutil.copy2(work / "log.jsonl", tmp / "train_log.jsonl")
-            (tmp / REPORT).write_text(report)
-            write_manifest(tmp, stage="distill", config=cfg.model_dump(), parent=cfg.teacher, metrics=metrics,
-                           comparison=[{k: v for k, v in r.items() if k != "test"} for r in rows],
-                           baseline={"validation": baseline.best_metrics, "test": rows[2]["test"],
-                                     "steps": baseline.steps} if baseline else None,
-                           student={"kind": student.kind, "teacher_layers": student.layers, "layer_pairs": pairs},
-                           vocab=vocab_stats, teacher_forward_calls={"cache": cache_calls, "training": train_calls},
-                           data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts},
-                           history=result.history)
-        shutil.rmtree(work, ignore_errors=True)
         print(report)
-    dist.barrier()
     return out
 
 
