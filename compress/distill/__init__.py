@@ -10,13 +10,12 @@ what distillation bought. See docs/distill.md.
 from __future__ import annotations
 
 import copy
-import shutil
 import tempfile
 from pathlib import Path
 from pydantic import Field, field_validator
 
 from compress import distributed as dist
-from compress.artifacts import atomic_output, weights_size, write_manifest
+from compress.artifacts import weights_size
 from compress.data import check_labels, encode, load_data
 from compress.distill.losses import (LOSS_NAMES, DistillLoss, TeacherCache, disable_attention_dropout, layer_pairs,
                                      make_projections)
