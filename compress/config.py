@@ -82,10 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], skip:
         ann = _scalar_type(field.annotation)
         if name in cls.positional:
             many = get_origin(ann) in (list, tuple)
-            parser.add_argument(name, nargs="+" if many else None, help=field.description)
+            parser.add_argument(name, nargs="+" if many else None, help=(field.description or "").replace("%", "%%"))
             continue
         default = field.default if not field.is_required() else None
-        help_ = (field.description or "") + ("" if field.is_required() else f" [default: {default}]")
+        # argparse %-formats help strings: a literal % (as in "--max-drop 1%") must be doubled.
+        help_ = ((field.description or "") + ("" if field.is_required() else f" [default: {default}]")).replace("%", "%%")
         choices = _literal_choices(field.annotation)
         if extra.get("repeat"):
             parser.add_argument(flag, dest=name, action="append", default=None, help=help_)

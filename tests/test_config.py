@@ -28,3 +28,16 @@ def test_errors_name_key_and_allowed_values():
         TrainConfig.parse({"model": "m", "out": "o", "schedule": "wavy"})
     with pytest.raises(UserError, match=r"unknown key 'epocs' \(allowed keys: .*epochs"):
         TrainConfig.parse({"model": "m", "out": "o", "epocs": 3})
+
+
+@pytest.mark.parametrize("command", ["train", "distill", "eval", "export", "quantize", "bench", "report", "run",
+                                     "validate"])
+def test_every_command_prints_its_help(command, capsys):
+    from compress.cli import COMMANDS, main
+
+    assert command in COMMANDS
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: compress {command}") and "[default:" in out

@@ -155,6 +155,33 @@ def test_distill_logit_kd_uses_the_cache_and_writes_the_report(tiny_teacher, tmp
     assert model.config.num_hidden_layers == 1
 
 
+def test_augmented_copies_are_perturbed_deterministic_and_prefix_stable():
+    from compress.distill.augment import augment_texts
+
+    texts = ["a gripping , beautifully acted film about grief", "dull and far too long for its own good"] * 20
+    a, src = augment_texts(texts, 2, seed=0, mask_token="[MASK]")
+    assert len(a) == 80 and src.tolist() == list(range(40)) * 2
+    assert a == augment_texts(texts, 2, seed=0, mask_token="[MASK]")[0]
+    assert augment_texts(texts, 1, seed=0, mask_token="[MASK]")[0] == a[:40]  # fewer copies: a prefix
+    assert sum(t != texts[i] for t, i in zip(a, src)) >= 76  # identical copies are drawn again
+    assert any("[MASK]" in t for t in a)
+    assert any(len(t.split()) <= 5 for t in a)  # n-gram spans
+    vocab = {w for t in texts for w in t.split()} | {"[MASK]"}
+    assert all(set(t.split()) <= vocab for t in a)  # replacements come from the training words
+    assert augment_texts(texts, 1, seed=0, mask_token=None)[0] != a[:40]
+    assert not any("[MASK]" in t for t in augment_texts(texts, 1, seed=0, mask_token=None)[0])
+
+
+def test_distill_with_augmentation_labels_copies_by_the_teacher(tiny_teacher, tmp_path):
+    out = tmp_path / "student"
+    assert main(distill_args(tiny_teacher, out, "--student", "layers=1", "--losses", "logits,hidden", "--augment", "2",
+                             "--epochs", "1", "--no-baseline")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["data"]["augmented_train_examples"] == 3 * 96
+    assert m["metrics"]["steps"] == 9  # 288 examples in batches of 32
+    assert m["teacher_forward_calls"] == {"cache": 2, "training": 0}  # 288 examples: two cache batches
+
+
 @pytest.mark.parametrize("losses, cache_gb, calls", [
     ("logits,hidden", "4", {"cache": 1, "training": 0}),  # one pass caches logits and hidden states
     ("hidden,attention", "0", {"cache": 0, "training": 2}),  # nothing cached: the teacher runs every step

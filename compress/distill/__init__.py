@@ -16,7 +16,8 @@ from pydantic import Field, field_validator
 
 from compress import distributed as dist
 from compress.artifacts import weights_size
-from compress.data import check_labels, encode, load_data
+from compress.data import EncodedSplit, check_labels, encode, load_data, tokenize
+from compress.distill.augment import augment_texts
 from compress.distill.losses import (LOSS_NAMES, DistillLoss, TeacherCache, disable_attention_dropout, layer_pairs,
                                      make_projections)
 from compress.distill.student import build_student, layer_list
@@ -43,6 +44,7 @@ class DistillConfig(LoopConfig):
     layer_map: str = Field("uniform", description="student->teacher layers for hidden/attention losses: uniform, last, or pairs like 1:3,2:6 (1-based)")
     prune_vocab: bool = Field(False, description="keep only the tokens of the training data (plus special tokens) in the student")
     min_token_count: int = Field(1, ge=1, description="with --prune-vocab, keep tokens seen at least this many times in training")
+    augment: int = Field(0, ge=0, description="add this many perturbed copies of each training example (masked words, replaced words, short spans), labelled by the teacher (docs/distill.md)")
     baseline: bool = Field(True, description="also train the same student on hard labels only and report both")
     hidden_cache_gb: float = Field(4.0, ge=0, description="for the hidden loss, keep the teacher's hidden states of the mapped layers in memory (bf16) when they fit in this many GB, instead of running the teacher each step (0 = never)")
     teacher_batch_size: int = Field(256, ge=1, description="examples per batch when caching the teacher's logits")
@@ -178,6 +180,11 @@ def distill(cfg: DistillConfig) -> Path:
             print(f"vocabulary pruned: {vocab.old_size} -> {vocab.new_size} tokens; "
                   f"embedding {emb_before / 1e6:.2f} M -> {vocab_stats['embedding_params_after'] / 1e6:.2f} M params")
     baseline_model = copy.deepcopy(student.model) if cfg.baseline else None
+    train = s_enc["train"]
+    if cfg.augment:
+        train = augmented_split(data, s_tok, cfg, label_map)
+        if dist.is_main():
+            print(f"augmented the training split: {len(s_enc['train'])} -> {len(train)} examples")
 
     precision = resolve_precision(cfg.precision, device.split(":")[0])
     pad_id = s_tok.pad_token_id
@@ -186,27 +193,31 @@ def distill(cfg: DistillConfig) -> Path:
     projections = (make_projections(pairs, student.model.config.hidden_size, teacher.config.hidden_size)
                    if "hidden" in cfg.losses else None)
     cache_layers = sorted({t for _, t in pairs}) if "hidden" in cfg.losses else []
-    need = TeacherCache.hidden_bytes(s_enc["train"], teacher.config.hidden_size, len(cache_layers))
+    need = TeacherCache.hidden_bytes(train, teacher.config.hidden_size, len(cache_layers))
     if need > cfg.hidden_cache_gb * 1e9:
         if dist.is_main():
             print(f"teacher hidden states need {need / 1e9:.1f} GB > --hidden-cache-gb {cfg.hidden_cache_gb}: "
                   "the teacher runs on every step instead")
         cache_layers = []
     cache = None
-    if "logits" in cfg.losses or cache_layers:
+    if "logits" in cfg.losses or cache_layers or cfg.augment:
         if dist.is_main():
-            print(f"caching teacher outputs for {len(s_enc['train'])} training examples"
+            print(f"caching teacher outputs for {len(train)} training examples"
                   + (f" (logits, hidden states of layers {cache_layers})" if cache_layers else " (logits)"))
-        cache = TeacherCache(teacher, s_enc["train"], pad_id, layers=cache_layers, batch_size=cfg.teacher_batch_size,
+        cache = TeacherCache(teacher, train, pad_id, layers=cache_layers, batch_size=cfg.teacher_batch_size,
                              device=device, precision=precision, teacher_ids=teacher_ids)
     cache_calls = calls["n"]
+    if cfg.augment:
+        # A perturbed copy may no longer carry its source's label: train it toward the teacher's.
+        n = len(s_enc["train"])
+        train.labels[n:] = cache.logits[n:].argmax(-1)
     loss = DistillLoss(teacher, cache.logits if cache is not None else None, losses=cfg.losses,
                        temperature=cfg.temperature, alpha=cfg.alpha, hidden_weight=cfg.hidden_weight,
                        attention_weight=cfg.attention_weight, pairs=pairs, projections=projections,
                        teacher_ids=teacher_ids, hidden_cache=cache if cache_layers else None)
     if not loss.needs_teacher_forward:
         teacher.to("cpu")  # not needed again: free accelerator memory
-    result = fit(student.model, train=s_enc["train"], val=s_enc["validation"], pad_id=pad_id, cfg=cfg,
+    result = fit(student.model, train=train, val=s_enc["validation"], pad_id=pad_id, cfg=cfg,
                  work=work, loss_fn=loss, extra=projections, num_labels=data.num_labels)
     train_calls = calls["n"] - cache_calls
 
@@ -248,11 +259,25 @@ def distill(cfg: DistillConfig) -> Path:
                             "steps": baseline.steps} if baseline else None,
                   student={"kind": student.kind, "teacher_layers": student.layers, "layer_pairs": pairs},
                   vocab=vocab_stats, teacher_forward_calls={"cache": cache_calls, "training": train_calls},
-                  data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts},
+                  data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts,
+                        "augmented_train_examples": len(train) if cfg.augment else None},
                   history=result.history)
     if dist.is_main():
         print(report)
     return out
+
+
+def augmented_split(data, tokenizer, cfg: DistillConfig, label_map) -> EncodedSplit:
+    """The training split followed by `cfg.augment` perturbed copies of it (labels fixed later)."""
+    from datasets import Dataset
+
+    ds = data["train"]
+    texts, source = augment_texts(list(ds["text"]), cfg.augment, seed=cfg.seed, mask_token=tokenizer.mask_token)
+    columns = {"text": list(ds["text"]) + texts, "label": list(ds["label"]) * (cfg.augment + 1)}
+    if data.has_pair:  # only the first text is perturbed
+        pairs = list(ds["text_pair"])
+        columns["text_pair"] = pairs + [pairs[i] for i in source]
+    return EncodedSplit(tokenize(Dataset.from_dict(columns), tokenizer, cfg.max_length, data.has_pair, label_map))
 
 
 def _row(metrics: dict, model, size: int) -> dict:
