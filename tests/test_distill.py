@@ -175,10 +175,11 @@ def test_augmented_copies_are_perturbed_deterministic_and_prefix_stable():
 def test_distill_with_augmentation_labels_copies_by_the_teacher(tiny_teacher, tmp_path):
     out = tmp_path / "student"
     assert main(distill_args(tiny_teacher, out, "--student", "layers=1", "--losses", "logits,hidden", "--augment", "2",
-                             "--epochs", "1", "--no-baseline")) == 0
+                             "--epochs", "1")) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["data"]["augmented_train_examples"] == 3 * 96
     assert m["metrics"]["steps"] == 9  # 288 examples in batches of 32
+    assert m["baseline"]["steps"] == 9  # 3 epochs over the 96 originals: as many steps, no teacher labels
     assert m["teacher_forward_calls"] == {"cache": 2, "training": 0}  # 288 examples: two cache batches
 
 

@@ -237,7 +237,10 @@ def distill(cfg: DistillConfig) -> Path:
     baseline = None
     if baseline_model is not None:
         (work / "baseline").mkdir(parents=True, exist_ok=True)
-        baseline = fit(baseline_model, train=s_enc["train"], val=s_enc["validation"], pad_id=pad_id, cfg=cfg,
+        # With augmentation the student took (1 + augment) times the steps per epoch; the baseline gets
+        # as many steps over the original split, so the comparison is not about training length.
+        base_cfg = cfg.model_copy(update={"epochs": cfg.epochs * (1 + cfg.augment)})
+        baseline = fit(baseline_model, train=s_enc["train"], val=s_enc["validation"], pad_id=pad_id, cfg=base_cfg,
                        work=work / "baseline", loss_fn=default_loss, num_labels=data.num_labels)
         rows.append({"name": "student (no KD)", **_row(test_metrics(baseline_model, s_enc, pad_id), baseline_model,
                                                        _saved_size(baseline_model.to("cpu")))})
@@ -246,7 +249,10 @@ def distill(cfg: DistillConfig) -> Path:
                 f"T={cfg.temperature}, alpha={cfg.alpha}, layer pairs {pairs}, {cfg.epochs} epochs, lr {cfg.lr}, "
                 f"batch {cfg.batch_size}, {precision}. Dataset `{data.source}`; test split, fp32. "
                 "The no-KD baseline is the same initial student trained with the same schedule on hard labels "
-                "only; only its metrics are kept.")
+                "only" + (f" (original examples only, {cfg.epochs * (1 + cfg.augment)} epochs: as many steps)"
+                          if cfg.augment else "") + "; only its metrics are kept." +
+                (f" Training data: {len(s_enc['train'])} examples + {cfg.augment} teacher-labelled perturbed "
+                 f"copies of each ({len(train)})." if cfg.augment else ""))
     report = render_report(rows, vocab_stats, settings)
     metrics = {"validation": result.best_metrics, "test": rows[1]["test"],
                "seconds_per_epoch": round(result.seconds_per_epoch, 2),
