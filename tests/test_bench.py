@@ -276,9 +276,32 @@ def test_interleaved_latency_times_all_callables_in_the_same_rounds():
         return fn
 
     stats = interleaved_latency({"a": sleeper("a", 0.002), "b": sleeper("b", 0.002), "slow": sleeper("slow", 0.006)},
-                                warmup=1, budget_s=0.3, min_iters=6, target_rel=0.5)
+                                warmup=1, budget_s=0.3, min_iters=6, target_rel=0.5, settle=0, block=1)
     assert set(stats) == {"a", "b", "slow"}
     assert stats["a"]["iters"] == stats["b"]["iters"] == stats["slow"]["iters"] >= 6  # one call each per round
     assert calls[3:6] != calls[6:9]  # the order rotates between rounds
     assert abs(stats["a"]["p50_ms"] - stats["b"]["p50_ms"]) / stats["a"]["p50_ms"] < 0.5
     assert 2.0 < stats["slow"]["p50_ms"] / stats["a"]["p50_ms"] < 4.0
+
+
+def test_interleaved_latency_does_not_time_the_first_call_after_a_switch():
+    import time
+
+    from compress.bench.measure import interleaved_latency
+
+    last = {"name": None}
+
+    def runtime(name, seconds):
+        # The first call after another runtime ran is slow (ONNX Runtime's threads still spinning).
+        def fn():
+            slow = last["name"] not in (None, name)
+            last["name"] = name
+            time.sleep(seconds * (5 if slow else 1))
+        return fn
+
+    fns = {"torch": runtime("torch", 0.002), "ort": runtime("ort", 0.002)}
+    naive = interleaved_latency(fns, warmup=1, budget_s=0.2, min_iters=8, target_rel=0.5, settle=0, block=1)
+    settled = interleaved_latency(fns, warmup=1, budget_s=0.2, min_iters=8, target_rel=0.5)
+    assert naive["torch"]["p50_ms"] > 8  # every timed call followed a switch
+    assert settled["torch"]["p50_ms"] < 4 and settled["ort"]["p50_ms"] < 4
+    assert settled["torch"]["iters"] == settled["ort"]["iters"] and settled["torch"]["iters"] % 4 == 0
