@@ -163,7 +163,7 @@ def interleaved_latency(fns: dict[str, Callable[[], object]], *, warmup: int = 3
             if all(median_ci_rel(v) <= target_rel for v in times.values()):
                 break
             next_check = n + max(1, n // 10)
-        if spent >= budget_s * len(names) and rounds >= 3:
+        if spent >= budget_s * len(names) and rounds * block >= 3:
             break
     return {n: summarize(v, target_rel) for n, v in times.items()}
 
