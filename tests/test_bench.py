@@ -303,5 +303,5 @@ def test_interleaved_latency_does_not_time_the_first_call_after_a_switch():
     naive = interleaved_latency(fns, warmup=1, budget_s=0.2, min_iters=8, target_rel=0.5, settle=0, block=1)
     settled = interleaved_latency(fns, warmup=1, budget_s=0.2, min_iters=8, target_rel=0.5)
     assert naive["torch"]["p50_ms"] > 8  # every timed call followed a switch
-    assert settled["torch"]["p50_ms"] < 4 and settled["ort"]["p50_ms"] < 4
+    assert settled["torch"]["p50_ms"] < 6 and settled["ort"]["p50_ms"] < 6  # 2 ms calls, with scheduler slack
     assert settled["torch"]["iters"] == settled["ort"]["iters"] and settled["torch"]["iters"] % 4 == 0
