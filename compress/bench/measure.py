@@ -135,8 +135,8 @@ def interleaved_latency(fns: dict[str, Callable[[], object]], *, warmup: int = 3
 
     Each block starts with `settle` untimed calls. Switching runtimes has a cost that belongs to
     neither: ONNX Runtime's worker threads keep spinning after a call and slow the PyTorch call
-    that follows (measured: a MiniLM teacher took 44-46 ms right after an int8 ONNX call and 36 ms
-    on its own, which made the int8 speed-up 8.8x instead of 7.7x). One untimed call absorbs it.
+    that follows (benchmarks/interleave_bias.py: a MiniLM teacher took 44 ms right after an int8
+    ONNX call and 38 ms on its own, which inflated the int8 speed-up). One untimed call absorbs it.
 
     Returns:
         {name: the same dict as `latency`}.
