@@ -24,8 +24,8 @@ import numpy as np
 P_MASK, P_REPLACE, P_NGRAM, MAX_NGRAM = 0.1, 0.1, 0.25, 5
 
 
-def augment_texts(texts: list[str], copies: int, *, seed: int, mask_token: str | None,
-                  p_mask: float = P_MASK, p_replace: float = P_REPLACE, p_ngram: float = P_NGRAM) -> tuple[list[str], np.ndarray]:
+def augment_texts(texts: list[str], copies: int, *, seed: int, mask_token: str | None, p_mask: float = P_MASK,
+                  p_replace: float = P_REPLACE, p_ngram: float = P_NGRAM) -> tuple[list[str], np.ndarray]:
     """`copies` perturbed versions of every text.
 
     Returns:
