@@ -73,11 +73,9 @@ def main() -> None:
                            "drop_points": val.get("drop_points"), "quantized": m.get("quantization", {}).get("quantized"),
                            "skipped": len(m.get("quantization", {}).get("skipped") or [])}
             artifacts.append(f"{label.replace(' ', '-')}={out}")
-        report_dir = Path(tmp) / "report"
-        results = bench(BenchConfig(artifacts=artifacts, baseline="fp32", out=str(report_dir), batch_sizes=[1, 32],
-                                    seq_lens=[128], threads=args.threads, budget_s=args.budget_s,
+        results = bench(BenchConfig(artifacts=artifacts, baseline="fp32", out=str(Path(tmp) / "report"),
+                                    batch_sizes=[1, 32], seq_lens=[128], threads=args.threads, budget_s=args.budget_s,
                                     max_examples=args.max_examples, progress=True))
-        results = json.loads((report_dir / "results.json").read_text())
     by_name = {a["name"]: a for a in results["artifacts"]}
     for label, row in rows.items():
         a = by_name.get(label.replace(" ", "-"))
