@@ -39,6 +39,13 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "Skip
              "Gelu", "FastGelu", "BiasGelu", "GemmFastGelu", "FusedMatMul", "RotaryEmbedding")
 # ONNX Runtime's graph optimisation level behind --optimize basic / extended.
 ORT_LEVELS = {"basic": 1, "extended": 2}
+# A session config entry ONNX Runtime reads when a session starts: a comma-separated list of
+# graph optimizers to skip. It travels in the manifest (`ort_session_config`) so that every
+# runner, and a user's own InferenceSession or optimum ORTModel, can apply it.
+DISABLE_OPTIMIZERS = "optimization.disable_specified_optimizers"
+SKIP_LAYER_NORM_FUSION = "SkipLayerNormFusion"
+# "split" must beat the fused kernel by this margin to be chosen: timing noise should not flip it.
+SPLIT_MARGIN = 0.9
 PARITY_BATCH_SIZES = (32, 8, 1)  # the first batch also serves as the tracing example
 
 
@@ -52,6 +59,10 @@ class ExportConfig(DataConfig):
         "auto", description="graph optimisation: none; basic (ORT constant folding, portable ops); extended (ORT fusions, "
                             "tied to the device); transformer (ORT transformer fusions: Attention, SkipLayerNorm, ...); "
                             "auto = transformer where ORT has fusions for the architecture, else extended")
+    skip_layer_norm: Literal["auto", "fuse", "split"] = Field(
+        "auto", description="residual Add + LayerNorm: fuse (ORT's SkipLayerNormalization kernel) or split (two operators, "
+                            "and the manifest's session config stops ORT from fusing them at load); auto: time both on "
+                            "this CPU at the model's width and keep the faster (fuse on CUDA)")
     dtype: Literal["fp32", "fp16"] = Field("fp32", description="weights of the graph; fp16 needs --device cuda and onnxruntime-gpu (inputs and logits stay fp32)")
     atol: float = Field(1e-4, gt=0, description="largest |logit difference| allowed between PyTorch and an fp32 ONNX graph")
     fp16_atol: float = Field(1e-2, gt=0, description="largest |logit difference| allowed for the fp16 graph (fp16 keeps ~3 significant digits)")
@@ -70,21 +81,20 @@ class OrtRunner:
     format = "onnx"
 
     def __init__(self, directory: Path, device: str = "cpu", threads: int | None = None,
-                 onnx_file: str | None = None):
+                 onnx_file: str | None = None, session_config: dict[str, str] | None = None):
         import onnxruntime as ort
         from transformers import AutoConfig
 
         from compress.models import load_tokenizer
 
         directory = Path(directory)
-        self.path = directory / (onnx_file or read_manifest(directory).get("onnx_file") or _find_onnx_file(directory))
+        manifest = read_manifest(directory)
+        self.path = directory / (onnx_file or manifest.get("onnx_file") or _find_onnx_file(directory))
         if not self.path.is_file():
             raise UserError(f"The ONNX file '{self.path}' that the artifact names is missing. "
                             "Re-run the stage that wrote the artifact.")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        self.session_config = dict(manifest.get("ort_session_config") or {}) if session_config is None else session_config
+        options = session_options(threads, self.session_config)
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError("--device cuda needs the onnxruntime-gpu package; this onnxruntime has only "
@@ -110,6 +120,20 @@ class OrtRunner:
         if "token_type_ids" in self.inputs and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
         return self.session.run([self.output], feeds)[0].astype(np.float32, copy=False)
+
+
+def session_options(threads: int | None = None, config: dict[str, str] | None = None):
+    """ONNX Runtime session options as compress runs an artifact: every graph optimisation,
+    `threads` intra-op threads, and the artifact's session config entries."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, str(value))
+    return options
 
 
 def _find_onnx_file(directory: Path) -> str:
@@ -292,16 +316,83 @@ def resolve_optimize(level: str, model_type: str) -> str:
     return level
 
 
-def optimize_graph(path: Path, level: str, config, use_gpu: bool):
+def optimize_graph(path: Path, level: str, config, use_gpu: bool, fuse_skip_layer_norm: bool = True):
     """ONNX Runtime's optimizer on `path`; returns an onnxruntime.transformers OnnxModel."""
-    from onnxruntime.transformers.optimizer import optimize_model
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.onnx_model import OnnxModel
+    from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
 
     if level == "transformer":
         # opt_level 1 (portable basic passes) then the Python fusions for this model family.
-        return optimize_model(str(path), model_type=fusion_model_type(config.model_type),
-                              num_heads=getattr(config, "num_attention_heads", 0) or 0,
-                              hidden_size=getattr(config, "hidden_size", 0) or 0, opt_level=1, use_gpu=use_gpu)
-    return optimize_model(str(path), opt_level=ORT_LEVELS[level], use_gpu=use_gpu, only_onnxruntime=True)
+        family = fusion_model_type(config.model_type)
+        options = FusionOptions(family)
+        options.enable_skip_layer_norm = fuse_skip_layer_norm
+        return optimize_model(str(path), model_type=family, num_heads=getattr(config, "num_attention_heads", 0) or 0,
+                              hidden_size=getattr(config, "hidden_size", 0) or 0, optimization_options=options,
+                              opt_level=1, use_gpu=use_gpu)
+    disabled = [] if fuse_skip_layer_norm else [SKIP_LAYER_NORM_FUSION]
+    optimized = optimize_by_onnxruntime(str(path), use_gpu=use_gpu, optimized_model_path=str(path.with_suffix(".opt.onnx")),
+                                        opt_level=ORT_LEVELS[level], disabled_optimizers=disabled)
+    model = OnnxModel(onnx.load(optimized))
+    Path(optimized).unlink()
+    return model
+
+
+def time_skip_layer_norm(hidden: int, threads: int | None = None, seq_len: int = 128,
+                         calls: int = 300) -> dict[str, float]:
+    """Median microseconds of ONNX Runtime's SkipLayerNormalization kernel and of the
+    Add + LayerNormalization pair it replaces, on one [1, seq_len, hidden] fp32 activation.
+
+    The fused kernel is meant to be the fast one, but in ONNX Runtime 1.31 on AVX-512 CPUs it
+    is 3-6x slower than the pair at MiniLM's width (docs/export.md), so it is measured, not assumed.
+    """
+    import time
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(fused: bool) -> bytes:
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, seq_len, hidden]) for n in ("x", "skip", "y")]
+        weights = [numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
+                   numpy_helper.from_array(np.zeros(hidden, np.float32), "beta")]
+        if fused:
+            nodes = [helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta"], ["y"],
+                                      domain="com.microsoft", epsilon=1e-12)]
+        else:
+            nodes = [helper.make_node("Add", ["x", "skip"], ["sum"]),
+                     helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)]
+        model = helper.make_model(helper.make_graph(nodes, "ln", io[:2], io[2:], weights), ir_version=9,
+                                  opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        return model.SerializeToString()
+
+    rng = np.random.default_rng(0)
+    feed = {k: rng.standard_normal((1, seq_len, hidden), dtype=np.float32) for k in ("x", "skip")}
+    options = session_options(threads, {DISABLE_OPTIMIZERS: SKIP_LAYER_NORM_FUSION})
+    sessions = {name: ort.InferenceSession(graph(name == "fused"), options, providers=["CPUExecutionProvider"])
+                for name in ("fused", "split")}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(3):  # interleaved rounds, so a burst of load hits both
+        for name, session in sessions.items():
+            for _ in range(10):
+                session.run(None, feed)
+            for _ in range(calls // 3):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[name].append(time.perf_counter() - start)
+    return {f"{name}_us": round(float(np.median(t)) * 1e6, 1) for name, t in times.items()}
+
+
+def choose_skip_layer_norm(setting: str, hidden: int, device: str, threads: int | None) -> tuple[bool, dict]:
+    """(fuse?, what the manifest records) for --skip-layer-norm on this device."""
+    if setting != "auto":
+        return setting == "fuse", {"choice": setting, "how": "--skip-layer-norm"}
+    if device == "cuda":
+        return True, {"choice": "fuse", "how": "auto: the fused kernel on CUDA"}
+    timing = time_skip_layer_norm(hidden, threads)
+    fuse = timing["split_us"] > SPLIT_MARGIN * timing["fused_us"]
+    return fuse, {"choice": "fuse" if fuse else "split", "how": f"auto: timed at [1, 128, {hidden}] on this CPU",
+                  **timing}
 
 
 def convert_to_fp16(model_proto):
@@ -369,21 +460,24 @@ def export(cfg: ExportConfig) -> Path:
         # The tokenizer as loaded (a pruned vocabulary included) is the one the graph was made for.
         tokenizer.save_pretrained(tmp)
         path = tmp / ONNX_FILE
-        runner = OrtRunner(tmp, device, cfg.threads, ONNX_FILE)
+        hidden = getattr(config, "hidden_size", None) or 768
+        fuse_skip, skip_info = choose_skip_layer_norm(cfg.skip_layer_norm, hidden, device, cfg.threads)
+        session_config = {} if fuse_skip else {DISABLE_OPTIMIZERS: SKIP_LAYER_NORM_FUSION}
+        runner = OrtRunner(tmp, device, cfg.threads, ONNX_FILE, session_config)
         parity = {"exported": check_parity(runner, cases, cfg.atol, "exported")}
         exported = onnx.load(str(path))
         opset = next(o.version for o in exported.opset_import if o.domain in ("", "ai.onnx"))
         counts = {"before": operator_counts(exported)}
         if level != "none":
-            _save(optimize_graph(path, level, config, use_gpu=device == "cuda"), path)
-            parity["optimized"] = check_parity(OrtRunner(tmp, device, cfg.threads, ONNX_FILE), cases, cfg.atol,
-                                               f"{level}-optimized")
+            _save(optimize_graph(path, level, config, use_gpu=device == "cuda", fuse_skip_layer_norm=fuse_skip), path)
+            parity["optimized"] = check_parity(OrtRunner(tmp, device, cfg.threads, ONNX_FILE, session_config), cases,
+                                               cfg.atol, f"{level}-optimized")
         final = onnx.load(str(path))
         counts["after"] = operator_counts(final)
         if cfg.dtype == "fp16":
             _save(convert_to_fp16(final), path)
-            parity["fp16"] = check_parity(OrtRunner(tmp, device, cfg.threads, ONNX_FILE), cases, cfg.fp16_atol,
-                                          "fp16")
+            parity["fp16"] = check_parity(OrtRunner(tmp, device, cfg.threads, ONNX_FILE, session_config), cases,
+                                          cfg.fp16_atol, "fp16")
         # Contrib operators (com.microsoft) mark a fused graph; ORT quantization then needs
         # extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}.
         fused = any(n.domain == "com.microsoft" for n in final.graph.node)
@@ -393,7 +487,9 @@ def export(cfg: ExportConfig) -> Path:
         write_manifest(tmp, stage="export", config=cfg.model_dump(), parent=str(cfg.model), metrics=metrics,
                        format="onnx", onnx_file=ONNX_FILE, opset=opset, exporter=exporter, optimize=level,
                        fused=fused, dtype=cfg.dtype, device=device, fused_operators=counts, parity=parity,
+                       skip_layer_norm=skip_info, ort_session_config=session_config,
                        data={"source": data.source, "fingerprint": data.fingerprint})
     print(f"exported {config.model_type} ({exporter}, opset {opset}, optimize {level}, {cfg.dtype}) -> {out}; "
-          f"parity max |diff| {metrics['parity_max_abs_diff']:.2g}, fused {counts['after']}")
+          f"parity max |diff| {metrics['parity_max_abs_diff']:.2g}, fused {counts['after']}, "
+          f"SkipLayerNorm {skip_info['choice']}")
     return out

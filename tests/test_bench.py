@@ -305,3 +305,29 @@ def test_interleaved_latency_does_not_time_the_first_call_after_a_switch():
     assert naive["torch"]["p50_ms"] > 8  # every timed call followed a switch
     assert settled["torch"]["p50_ms"] < 6 and settled["ort"]["p50_ms"] < 6  # 2 ms calls, with scheduler slack
     assert settled["torch"]["iters"] == settled["ort"]["iters"] and settled["torch"]["iters"] % 4 == 0
+
+
+def test_interleaved_latency_waits_out_the_other_runtime_s_spinning_threads():
+    import time
+
+    from compress.bench.measure import interleaved_latency
+
+    last = {"name": None, "until": 0.0}
+
+    def runtime(name, seconds):
+        # Calls are slow for 40 ms after the other runtime ran (its idle threads still spinning).
+        def fn():
+            now = time.perf_counter()
+            if last["name"] not in (None, name):
+                last["until"] = now + 0.04
+            last["name"] = name
+            time.sleep(seconds * (5 if now < last["until"] else 1))
+        return fn
+
+    fns = {"torch": runtime("torch", 0.002), "ort": runtime("ort", 0.002)}
+    one_call = interleaved_latency(fns, warmup=1, budget_s=0.2, min_iters=8, target_rel=0.5, settle_s=0.0)
+    settled = interleaved_latency(fns, warmup=1, budget_s=0.2, min_iters=8, target_rel=0.5, settle_s=0.05)
+    # After one untimed 10 ms call, 3 of the 4 timed calls of a block that follows a switch are
+    # slow (with two callables, every other block follows one), so about 3 calls in 8 take 10 ms.
+    assert one_call["torch"]["mean_ms"] > 4.5 and one_call["torch"]["p90_ms"] > 8
+    assert settled["torch"]["mean_ms"] < 4 and settled["ort"]["mean_ms"] < 4

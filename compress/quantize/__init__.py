@@ -36,7 +36,7 @@ class QuantizeConfig(DataConfig):
     calib_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="how activation ranges are chosen from the calibration set (ort-static-int8)")
     per_channel: bool = Field(True, description="one scale per output channel instead of one per weight tensor (int8 methods); on the MiniLM teacher ort-dynamic-int8 lost 0.16 validation points per-channel against 1.22 per-tensor, at the same size")
     weight_type: Literal["auto", "int8", "uint8"] = Field("auto", description="ONNX Runtime weight type; auto = int8 on CPUs with VNNI/AMX (u8 x s8 is their fast instruction), uint8 elsewhere (u8 x s8 can saturate without VNNI)")
-    optimize: Literal["auto", "none", "basic", "extended", "transformer"] = Field("auto", description="graph optimisation when a PyTorch model is exported first (ort-* methods); auto = none (unfused) for both ort methods, measured fastest here; transformer gives QAttention for dynamic int8")
+    optimize: Literal["auto", "none", "basic", "extended", "transformer"] = Field("auto", description="graph optimisation when a PyTorch model is exported first (ort-* methods); auto = transformer for ort-dynamic-int8 (QAttention; none where ORT has no fusions for the architecture), none for ort-static-int8 (QDQ needs the plain graph)")
     max_drop: str | None = Field(None, description="accuracy tolerance on the validation split: absolute points (1.0 = one accuracy point) or relative ('2%' of the fp32 accuracy); layers fall back to full precision until it is met (auto: default 1.0)")
     max_fallback: int | None = Field(None, ge=0, description="at most this many layers fall back to full precision in accuracy-aware mode (default: no limit)")
     sensitivity_samples: int = Field(256, ge=8, description="validation examples used to rank layer sensitivity in accuracy-aware mode")
@@ -291,6 +291,13 @@ def export_onnx(cfg: QuantizeConfig, method: Method, work: Path, exports: dict[s
     from compress.export import ExportConfig, export
 
     level = method.export_optimize if cfg.optimize == "auto" else cfg.optimize
+    if level == "transformer" and cfg.optimize == "auto":
+        from transformers import AutoConfig
+
+        from compress.export import fusion_model_type
+
+        if not fusion_model_type(AutoConfig.from_pretrained(cfg.model).model_type):
+            level = "none"  # no transformer fusions for this architecture: the plain graph
     if level not in exports:
         data_fields = {k: getattr(cfg, k) for k in DataConfig.model_fields}
         exports[level] = export(ExportConfig(model=cfg.model, out=str(work / f"export-{level}"), optimize=level,
@@ -337,7 +344,7 @@ def calibration_batches(cfg: QuantizeConfig, data, tokenizer) -> tuple[list[dict
 def _write(tmp: Path, cfg: QuantizeConfig, src: Path, evaluator, chosen, calib_info, tolerance, search, auto_rows,
            met: bool) -> dict[str, Any]:
     info = dict(chosen.info)
-    top = {k: info.pop(k) for k in ("format", "onnx_file", "dtype") if k in info}
+    top = {k: info.pop(k) for k in ("format", "onnx_file", "dtype", "ort_session_config") if k in info}
     method = info.pop("method")
     info.pop("run_device", None)
     size, parent_size = weights_size(tmp), weights_size(src)

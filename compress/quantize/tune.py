@@ -86,7 +86,7 @@ def build(method, job, directory: Path, exclude: list[str]) -> dict[str, Any]:
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     info = method.build(job, directory, exclude)
-    keys = {k: info[k] for k in ("format", "onnx_file", "dtype") if k in info}
+    keys = {k: info[k] for k in ("format", "onnx_file", "dtype", "ort_session_config") if k in info}
     (directory / MANIFEST).write_text(json.dumps({"stage": "quantize", **keys}) + "\n")
     return info
 
