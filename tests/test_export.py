@@ -11,7 +11,7 @@ import pytest
 
 from compress.cli import main
 from compress.errors import GateFailed
-from compress.export import (DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, ExportConfig, OrtRunner, check_parity,
+from compress.export import (DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, ExportConfig, OrtRunner, check_parity,
                              choose_skip_layer_norm, convert_to_fp16, export, parity_cases, session_options)
 from compress.runners import load_runner
 
@@ -37,7 +37,7 @@ def fused(tiny_teacher, tmp_path_factory) -> Path:
 def split(tiny_teacher, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "split"
     return export(ExportConfig(model=str(tiny_teacher), out=str(out), optimize="transformer", skip_layer_norm="split",
-                               **FAST))
+                               flush_denormals=False, **FAST))
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def test_plain_export_is_self_contained_with_dynamic_axes(plain):
     m = manifest(plain)
     assert m["format"] == "onnx" and m["onnx_file"] == "model.onnx" and m["exporter"] == "optimum"
     assert m["opset"] == 18 and m["optimize"] == "none" and m["fused"] is False
+    assert m["ort_session_config"][DENORMAL_AS_ZERO] == "1"
     assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in plain.iterdir()}
     gate = m["parity"]["exported"]
     assert gate["max_abs_diff"] <= 1e-4 and gate["label_disagreements"] == 0 and "optimized" not in m["parity"]
@@ -106,7 +107,7 @@ def test_split_skip_layer_norm_stays_split_at_run_time(split, fused, tiny_teache
     layers = json.loads((tiny_teacher / "config.json").read_text())["num_hidden_layers"]
     m = manifest(split)
     assert m["skip_layer_norm"]["choice"] == "split"
-    assert m["ort_session_config"] == {DISABLE_OPTIMIZERS: SKIP_LAYER_NORM_FUSION}
+    assert m["ort_session_config"] == {DISABLE_OPTIMIZERS: SKIP_LAYER_NORM_FUSION}  # and no denormal flushing
     after = m["fused_operators"]["after"]
     assert "SkipLayerNormalization" not in after and after["LayerNormalization"] == 2 * layers
     assert after["Attention"] == layers and m["parity"]["optimized"]["max_abs_diff"] <= 1e-4
@@ -118,7 +119,7 @@ def test_split_skip_layer_norm_stays_split_at_run_time(split, fused, tiny_teache
     assert runner.session_config == m["ort_session_config"]
     np.testing.assert_allclose(runner.logits(cases[0].batch), load_runner(fused, threads=1).logits(cases[0].batch),
                                atol=1e-5)
-    assert manifest(fused)["ort_session_config"] == {}
+    assert manifest(fused)["ort_session_config"] == {DENORMAL_AS_ZERO: "1"}
 
 
 def test_auto_skip_layer_norm_times_both_kernels():
