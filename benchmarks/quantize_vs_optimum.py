@@ -50,7 +50,8 @@ def build_variants(model_dir: Path, work: Path, per_channel: bool, threads: int)
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     from compress.artifacts import copy_support_files, weights_size
-    from compress.export import DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, OrtRunner
+    from compress.export import OrtRunner
+    from compress.ort_settings import DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION
     from compress.models import load_classifier
     from compress.quantize import QuantizeConfig, quantize
     from compress.quantize.torch_int8 import _quiet

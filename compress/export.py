@@ -25,6 +25,8 @@ from pydantic import Field
 from compress.artifacts import atomic_output, read_manifest, write_manifest
 from compress.data import DataConfig, encode, load_data
 from compress.errors import GateFailed, UserError
+from compress.ort_settings import (DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, choose_skip_layer_norm,
+                                   session_options)
 from compress.runners import TorchRunner, detect_format, numpy_batch, register
 
 ONNX_FILE = "model.onnx"
@@ -39,17 +41,6 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "Skip
              "Gelu", "FastGelu", "BiasGelu", "GemmFastGelu", "FusedMatMul", "RotaryEmbedding")
 # ONNX Runtime's graph optimisation level behind --optimize basic / extended.
 ORT_LEVELS = {"basic": 1, "extended": 2}
-# A session config entry ONNX Runtime reads when a session starts: a comma-separated list of
-# graph optimizers to skip. It travels in the manifest (`ort_session_config`) so that every
-# runner, and a user's own InferenceSession or optimum ORTModel, can apply it.
-DISABLE_OPTIMIZERS = "optimization.disable_specified_optimizers"
-SKIP_LAYER_NORM_FUSION = "SkipLayerNormFusion"
-# Flush denormal floats to zero in ONNX Runtime's CPU threads. Softmax over padded positions
-# produces them, and x86 computes on them ~100x slower: a 2-layer int8 MiniLM on one review
-# padded to 128 tokens took 3.31 ms without it and 2.56 ms with it (2.20 ms unpadded).
-DENORMAL_AS_ZERO = "session.set_denormal_as_zero"
-# "split" must beat the fused kernel by this margin to be chosen: timing noise should not flip it.
-SPLIT_MARGIN = 0.9
 PARITY_BATCH_SIZES = (32, 8, 1)  # the first batch also serves as the tracing example
 
 
@@ -125,20 +116,6 @@ class OrtRunner:
         if "token_type_ids" in self.inputs and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
         return self.session.run([self.output], feeds)[0].astype(np.float32, copy=False)
-
-
-def session_options(threads: int | None = None, config: dict[str, str] | None = None):
-    """ONNX Runtime session options as compress runs an artifact: every graph optimisation,
-    `threads` intra-op threads, and the artifact's session config entries."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    for key, value in (config or {}).items():
-        options.add_session_config_entry(key, str(value))
-    return options
 
 
 def _find_onnx_file(directory: Path) -> str:
@@ -342,62 +319,6 @@ def optimize_graph(path: Path, level: str, config, use_gpu: bool, fuse_skip_laye
     model = OnnxModel(onnx.load(optimized))
     Path(optimized).unlink()
     return model
-
-
-def time_skip_layer_norm(hidden: int, threads: int | None = None, seq_len: int = 128,
-                         calls: int = 300) -> dict[str, float]:
-    """Median microseconds of ONNX Runtime's SkipLayerNormalization kernel and of the
-    Add + LayerNormalization pair it replaces, on one [1, seq_len, hidden] fp32 activation.
-
-    The fused kernel is meant to be the fast one, but in ONNX Runtime 1.31 on AVX-512 CPUs it
-    is 3-6x slower than the pair at MiniLM's width (docs/export.md), so it is measured, not assumed.
-    """
-    import time
-
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    def graph(fused: bool) -> bytes:
-        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, seq_len, hidden]) for n in ("x", "skip", "y")]
-        weights = [numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
-                   numpy_helper.from_array(np.zeros(hidden, np.float32), "beta")]
-        if fused:
-            nodes = [helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta"], ["y"],
-                                      domain="com.microsoft", epsilon=1e-12)]
-        else:
-            nodes = [helper.make_node("Add", ["x", "skip"], ["sum"]),
-                     helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)]
-        model = helper.make_model(helper.make_graph(nodes, "ln", io[:2], io[2:], weights), ir_version=9,
-                                  opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-        return model.SerializeToString()
-
-    rng = np.random.default_rng(0)
-    feed = {k: rng.standard_normal((1, seq_len, hidden), dtype=np.float32) for k in ("x", "skip")}
-    options = session_options(threads, {DISABLE_OPTIMIZERS: SKIP_LAYER_NORM_FUSION})
-    sessions = {name: ort.InferenceSession(graph(name == "fused"), options, providers=["CPUExecutionProvider"])
-                for name in ("fused", "split")}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(3):  # interleaved rounds, so a burst of load hits both
-        for name, session in sessions.items():
-            for _ in range(10):
-                session.run(None, feed)
-            for _ in range(calls // 3):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times[name].append(time.perf_counter() - start)
-    return {f"{name}_us": round(float(np.median(t)) * 1e6, 1) for name, t in times.items()}
-
-
-def choose_skip_layer_norm(setting: str, hidden: int, device: str, threads: int | None) -> tuple[bool, dict]:
-    """(fuse?, what the manifest records) for --skip-layer-norm on this device."""
-    if setting != "auto":
-        return setting == "fuse", {"choice": setting, "how": "--skip-layer-norm"}
-    if device == "cuda":
-        return True, {"choice": "fuse", "how": "auto: the fused kernel on CUDA"}
-    timing = time_skip_layer_norm(hidden, threads)
-    fuse = timing["split_us"] > SPLIT_MARGIN * timing["fused_us"]
-    return fuse, {"choice": "fuse" if fuse else "split", "how": f"auto: timed at [1, 128, {hidden}] on this CPU",
-                  **timing}
 
 
 def convert_to_fp16(model_proto):

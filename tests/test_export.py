@@ -11,8 +11,9 @@ import pytest
 
 from compress.cli import main
 from compress.errors import GateFailed
-from compress.export import (DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, ExportConfig, OrtRunner, check_parity,
-                             choose_skip_layer_norm, convert_to_fp16, export, parity_cases, session_options)
+from compress.export import (ExportConfig, OrtRunner, check_parity, convert_to_fp16, export, parity_cases)
+from compress.ort_settings import (DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, choose_skip_layer_norm,
+                                   session_options)
 from compress.runners import load_runner
 
 # Small slices keep each export to a few seconds; the gate still sees every batch shape. One
