@@ -137,10 +137,11 @@ def interleaved_latency(fns: dict[str, Callable[[], object]], *, warmup: int = 3
     Each block starts with untimed calls: at least `settle`, and for at least `settle_s` seconds.
     Switching runtimes has a cost that belongs to neither: the thread pools of the runtime just
     used keep spinning for a while, PyTorch's OpenMP threads for milliseconds after an operator,
-    and they slow the other runtime's next calls. benchmarks/interleave_bias.py measured it
-    (MiniLM teacher in PyTorch vs its 2-layer int8 student in ONNX Runtime): each alone,
-    6.2-7.0x; blocks after one untimed call, 5.0-5.3x (the int8 model's median ran 1.4x slow);
-    after 50 ms of untimed calls, 6.9-7.3x.
+    and they slow the other runtime's next calls. benchmarks/interleave_bias.py (MiniLM teacher
+    in PyTorch vs its 2-layer int8 student in ONNX Runtime, quiet machine): each alone
+    9.35-9.80x; call by call 12.6-14.3x; blocks after one untimed call 9.35-9.48x; after 50 ms
+    of untimed calls 9.55-9.69x. On a busier afternoon one untimed call left the int8 model's
+    median 1.4x slow (5.0-5.3x against 6.9-7.3x after 50 ms).
 
     Returns:
         {name: the same dict as `latency`}.
