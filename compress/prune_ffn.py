@@ -3,8 +3,10 @@
 Unit i of a Transformer feed-forward block is row i of its first projection (hidden -> inner)
 and column i of its second (inner -> hidden); removing both removes the unit exactly, and the
 layer stays a plain dense layer that every runtime runs at full speed (unlike sparse weights).
-Units are ranked by ||W_in[i]|| * ||W_out[:, i]||, the largest gain a signal can take through
-them. Distillation then trains the narrower student.
+Units are ranked by how much they send forward: mean |a_i| * ||W_out[:, i]|| over the real
+(unpadded) tokens of sample batches, where a_i is the unit's activation, or, without batches,
+||W_in[i]|| * ||W_out[:, i]||, the largest gain a signal can take through them. Distillation
+then trains the narrower student.
 
 On the quickstart's 2-layer student (docs/distill.md), 1536 -> 768 units cost no validation
 accuracy even before retraining, and made its int8 ONNX model 1.36x faster at batch 1.
@@ -62,11 +64,42 @@ def _narrowed(linear, keep, dim: int):
     return new
 
 
-def prune_ffn(model, width: int) -> dict[str, Any]:
+def mean_activations(model, projections, batches) -> list:
+    """Mean |input| of each out-projection (the units' activations) over the real tokens."""
+    import torch
+
+    sums = [torch.zeros(w.in_features, dtype=torch.float64) for w in projections]
+    state = {"mask": None, "tokens": 0}
+
+    def hook(i):
+        def fn(_module, args):
+            act = args[0].detach().abs().to(torch.float64)
+            sums[i].add_((act * state["mask"]).sum(dim=(0, 1)).cpu())
+        return fn
+
+    handles = [w.register_forward_pre_hook(hook(i)) for i, w in enumerate(projections)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                state["mask"] = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
+                state["tokens"] += int(batch["attention_mask"].sum())
+                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [s / max(state["tokens"], 1) for s in sums]
+
+
+def prune_ffn(model, width: int, batches=None) -> dict[str, Any]:
     """Narrow every layer's feed-forward block of `model` (in place) to `width` units.
 
-    Returns the manifest's record: widths, parameter counts and the share of the ranking score
-    the kept units hold (1.0 = nothing of weight was removed).
+    With `batches` (dicts of input_ids, attention_mask, ...), units are ranked by their mean
+    activation times their out-projection's norm; without, by weight norms alone.
+    Returns the manifest's record: widths, parameter counts, the ranking used and the share of
+    the ranking score the kept units hold (1.0 = nothing of weight was removed).
     """
     import torch
 
@@ -78,11 +111,13 @@ def prune_ffn(model, width: int) -> dict[str, Any]:
         raise UserError(f"--prune-ffn {width} must be between 1 and the current feed-forward width minus one "
                         f"({inner - 1}); the student's layers have {inner} units.")
     params_before = sum(p.numel() for p in model.parameters())
+    pairs = [ffn_pairs(layer, config.hidden_size, inner) for layer in layer_list(model)[1]]
+    activations = mean_activations(model, [w_out for _, (_, _, w_out) in pairs], batches) if batches else None
     kept_share = []
-    for layer in layer_list(model)[1]:
-        (in_parent, in_name, w_in), (out_parent, out_name, w_out) = ffn_pairs(layer, config.hidden_size, inner)
+    for n, ((in_parent, in_name, w_in), (out_parent, out_name, w_out)) in enumerate(pairs):
         with torch.no_grad():
-            score = w_in.weight.norm(dim=1) * w_out.weight.norm(dim=0)
+            first = activations[n].to(w_out.weight.dtype) if activations else w_in.weight.norm(dim=1)
+            score = first * w_out.weight.norm(dim=0)
         keep = score.topk(width).indices.sort().values
         kept_share.append(float(score[keep].sum() / score.sum()) if score.sum() > 0 else 1.0)
         setattr(in_parent, in_name, _narrowed(w_in, keep, 0))
@@ -90,4 +125,5 @@ def prune_ffn(model, width: int) -> dict[str, Any]:
     setattr(config, key, width)
     return {"width_before": inner, "width_after": width, "params_before": params_before,
             "params_after": sum(p.numel() for p in model.parameters()),
+            "ranking": "mean |activation| x ||W_out||" if activations else "||W_in|| x ||W_out||",
             "kept_score_share": [round(s, 4) for s in kept_share]}

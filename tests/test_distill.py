@@ -292,3 +292,28 @@ def test_distill_with_prune_ffn_saves_a_narrower_student_that_exports(tiny_teach
     onnx_dir = export(ExportConfig(model=str(out), out=str(tmp_path / "onnx"), optimize="transformer",
                                    max_examples=96, parity_examples=16, threads=1))
     assert json.loads((onnx_dir / "manifest.json").read_text())["parity"]["optimized"]["label_disagreements"] == 0
+
+
+def test_prune_ffn_ranks_units_by_what_they_do_on_data():
+    from compress.prune_ffn import prune_ffn
+
+    def model_with_silent_units():
+        model = random_classifier()  # 4 layers, hidden 64, feed-forward 128
+        with torch.no_grad():
+            for layer in model.bert.encoder.layer:
+                silent = torch.arange(0, 128, 2)  # 64 units with big weights that never fire
+                layer.intermediate.dense.weight[silent] *= 10
+                layer.intermediate.dense.bias[silent] = -1000.0  # GELU(-1000) = 0
+        return model
+
+    ids = torch.randint(5, 1500, (4, 12))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    by_data, by_weight = model_with_silent_units(), model_with_silent_units()
+    before = by_data.bert(input_ids=ids).last_hidden_state  # unit-scale, unlike this model's tiny logits
+    stats = prune_ffn(by_data, 64, batches)
+    assert stats["ranking"] == "mean |activation| x ||W_out||"
+    assert stats["kept_score_share"] == [1.0] * 4  # the silent units had no activation to lose
+    torch.testing.assert_close(by_data.bert(input_ids=ids).last_hidden_state, before, atol=1e-5, rtol=0)
+    # Weight norms alone keep the big silent units and drop working ones.
+    assert prune_ffn(by_weight, 64)["ranking"] == "||W_in|| x ||W_out||"
+    assert (by_weight.bert(input_ids=ids).last_hidden_state - before).abs().max() > 0.1

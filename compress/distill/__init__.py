@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
+
+import numpy as np
 from pydantic import Field, field_validator
 
 from compress import distributed as dist
 from compress.artifacts import weights_size
-from compress.data import EncodedSplit, check_labels, encode, load_data, tokenize
+from compress.data import EncodedSplit, check_labels, encode, iterate, load_data, tokenize
 from compress.distill.augment import augment_texts
 from compress.distill.losses import (LOSS_NAMES, DistillLoss, TeacherCache, disable_attention_dropout, layer_pairs,
                                      make_projections)
@@ -28,6 +30,7 @@ from compress.models import load_classifier
 from compress.train import check_output, save_artifact
 
 REPORT = "distill_report.md"
+FFN_SAMPLE = 512  # training examples that rank the feed-forward units for --prune-ffn
 
 
 class DistillConfig(LoopConfig):
@@ -145,10 +148,6 @@ def distill(cfg: DistillConfig) -> Path:
     # Everything that can be checked without the data is checked first, so bad specs fail fast.
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, teacher, t_tok, cfg.trust_remote_code)
-    ffn_stats = prune_ffn(student.model, cfg.prune_ffn) if cfg.prune_ffn else None
-    if ffn_stats and dist.is_main():
-        print(f"feed-forward pruned: {ffn_stats['width_before']} -> {ffn_stats['width_after']} units per layer; "
-              f"{ffn_stats['params_before'] / 1e6:.2f} M -> {ffn_stats['params_after'] / 1e6:.2f} M params")
     n_student = student.model.config.num_hidden_layers
     n_teacher = len(layer_list(teacher)[1])
     pairs = layer_pairs(cfg.layer_map, n_student, n_teacher)
@@ -163,6 +162,18 @@ def distill(cfg: DistillConfig) -> Path:
     label_map = check_teacher_labels(data, teacher.config)
 
     t_enc = encode(data, t_tok, cfg.max_length, label_map)
+    ffn_stats = None
+    if cfg.prune_ffn:
+        # Rank units by what they do on the training text (the first FFN_SAMPLE examples).
+        train_ids = t_enc["train"] if student.kind != "dir" else encode(data, student.tokenizer, cfg.max_length,
+                                                                          label_map, splits=("train",))["train"]
+        sample = np.arange(min(FFN_SAMPLE, len(train_ids)))
+        batches = iterate(train_ids, np.array_split(sample, max(1, len(sample) // 64)), student.tokenizer.pad_token_id)
+        ffn_stats = prune_ffn(student.model, cfg.prune_ffn, batches)
+        if dist.is_main():
+            print(f"feed-forward pruned: {ffn_stats['width_before']} -> {ffn_stats['width_after']} units per layer "
+                  f"(ranked on {len(sample)} training examples); "
+                  f"{ffn_stats['params_before'] / 1e6:.2f} M -> {ffn_stats['params_after'] / 1e6:.2f} M params")
     prepare_work_dir(work, cfg.resume, cfg.force)
     vocab_stats, teacher_ids = None, None
     s_tok, s_enc = student.tokenizer, t_enc
