@@ -45,7 +45,7 @@ class DistillConfig(LoopConfig):
     hidden_weight: float = Field(1.0, ge=0, description="weight of the hidden-state MSE")
     attention_weight: float = Field(1.0, ge=0, description="weight of the attention-distribution KL")
     layer_map: str = Field("uniform", description="student->teacher layers for hidden/attention losses: uniform, last, or pairs like 1:3,2:6 (1-based)")
-    prune_ffn: int | None = Field(None, ge=1, description="narrow every student layer's feed-forward block to this many units, keeping the largest by weight norm, before training (docs/distill.md)")
+    prune_ffn: int | None = Field(None, ge=1, description="narrow every student layer's feed-forward block to this many units, keeping those with the largest mean activation on 512 training examples times out-projection norm, before training (docs/distill.md)")
     prune_vocab: bool = Field(False, description="keep only the tokens of the training data (plus special tokens) in the student")
     min_token_count: int = Field(1, ge=1, description="with --prune-vocab, keep tokens seen at least this many times in training")
     augment: int = Field(0, ge=0, description="add this many perturbed copies of each training example (masked words, replaced words, short spans), labelled by the teacher (docs/distill.md)")
