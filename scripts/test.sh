@@ -4,5 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# PASSIVE: the tests time nothing they compare, and sleeping OpenMP threads leave the cores to
+# ONNX Runtime and the subprocesses the tests start. Never set it for a benchmark
+# (docs/decisions.md#benchmark-timing).
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=PASSIVE
 exec .venv/bin/python -m pytest -q "$@"
