@@ -82,8 +82,8 @@ def build_variants(model_dir: Path, work: Path, per_channel: bool, threads: int)
             "how": f"AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel={pc})"}
 
         if not pc:
-            # Optimum's model with the one session setting compress ships: how much of the gap is
-            # the setting (which an Optimum user can pass too) and how much the graph.
+            # Optimum's model with the session settings compress ships: how much of the gap is the
+            # settings (which an Optimum user can pass too) and how much the graph.
             variants[f"optimum ORTQuantizer avx512_vnni dynamic, {tag}, + compress's session config"] = {
                 "runner": OrtRunner(d, threads=threads, onnx_file=onnx_file, session_config=our_config),
                 "size_bytes": (d / onnx_file).stat().st_size,
@@ -203,8 +203,8 @@ def main() -> None:
               "notes": ["What differs between ours and Optimum's: ours is exported by `compress export` "
                         "(parity-gated), keeps the classifier head in fp32, picks the weight type from the CPU "
                         "(int8 with VNNI), quantizes the fused graph (QAttention, QEmbedLayerNormalization) and "
-                        "keeps the residual LayerNorms split where ORT's SkipLayerNormalization kernel measured "
-                        "slower, with the session config that stops ORT from re-fusing them "
+                        "runs with the session config its export recorded: residual LayerNorms kept split where "
+                        "ORT's SkipLayerNormalization kernel measured slower, and denormal floats flushed "
                         "(docs/export.md#skiplayernormalization). 'plain graph' is ours on the unfused export. "
                         "Both quantize with u8 activations x s8 weights.",
                         f"Load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on "

@@ -8,8 +8,9 @@ Units are ranked by how much they send forward: mean |a_i| * ||W_out[:, i]|| ove
 ||W_in[i]|| * ||W_out[:, i]||, the largest gain a signal can take through them. Distillation
 then trains the narrower student.
 
-On the quickstart's 2-layer student (docs/distill.md), 1536 -> 768 units cost no validation
-accuracy even before retraining, and made its int8 ONNX model 1.36x faster at batch 1.
+On a trained 2-layer MiniLM student (docs/distill.md), pruning 1536 -> 768 units by weight
+norms cost no validation accuracy even without retraining, and made its int8 ONNX model 1.36x
+faster at batch 1; pruned before distillation, the student ended 0.9 test points lower.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def ffn_pairs(layer, hidden: int, inner: int):
 def _narrowed(linear, keep, dim: int):
     import torch.nn as nn
 
-    weight = linear.weight.detach().index_select(dim, keep).clone()
+    weight = linear.weight.detach().index_select(dim, keep)  # a new tensor, not a view
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
                     device=weight.device, dtype=weight.dtype)
     new.weight.data.copy_(weight)

@@ -162,23 +162,20 @@ def distill(cfg: DistillConfig) -> Path:
     label_map = check_teacher_labels(data, teacher.config)
 
     t_enc = encode(data, t_tok, cfg.max_length, label_map)
-    ffn_stats = None
+    prepare_work_dir(work, cfg.resume, cfg.force)
+    vocab_stats, teacher_ids, ffn_stats = None, None, None
+    s_tok, s_enc = student.tokenizer, t_enc
+    if student.kind == "dir":
+        s_enc = encode(data, s_tok, cfg.max_length, label_map)
     if cfg.prune_ffn:
         # Rank units by what they do on the training text (the first FFN_SAMPLE examples).
-        train_ids = t_enc["train"] if student.kind != "dir" else encode(data, student.tokenizer, cfg.max_length,
-                                                                          label_map, splits=("train",))["train"]
-        sample = np.arange(min(FFN_SAMPLE, len(train_ids)))
-        batches = iterate(train_ids, np.array_split(sample, max(1, len(sample) // 64)), student.tokenizer.pad_token_id)
+        sample = np.arange(min(FFN_SAMPLE, len(s_enc["train"])))
+        batches = iterate(s_enc["train"], np.array_split(sample, max(1, len(sample) // 64)), s_tok.pad_token_id)
         ffn_stats = prune_ffn(student.model, cfg.prune_ffn, batches)
         if dist.is_main():
             print(f"feed-forward pruned: {ffn_stats['width_before']} -> {ffn_stats['width_after']} units per layer "
                   f"(ranked on {len(sample)} training examples); "
                   f"{ffn_stats['params_before'] / 1e6:.2f} M -> {ffn_stats['params_after'] / 1e6:.2f} M params")
-    prepare_work_dir(work, cfg.resume, cfg.force)
-    vocab_stats, teacher_ids = None, None
-    s_tok, s_enc = student.tokenizer, t_enc
-    if student.kind == "dir":
-        s_enc = encode(data, s_tok, cfg.max_length, label_map)
     if cfg.prune_vocab:
         size_before, emb_before = _saved_size(student.model), student.model.get_input_embeddings().weight.numel()
         s_tok, vocab = prune_vocab(student.model, s_tok, s_enc["train"].input_ids, min_count=cfg.min_token_count,
