@@ -317,3 +317,12 @@ def test_prune_ffn_ranks_units_by_what_they_do_on_data():
     # Weight norms alone keep the big silent units and drop working ones.
     assert prune_ffn(by_weight, 64)["ranking"] == "||W_in|| x ||W_out||"
     assert (by_weight.bert(input_ids=ids).last_hidden_state - before).abs().max() > 0.1
+
+
+def test_too_wide_prune_ffn_exits_2_and_leaves_nothing(tiny_teacher, tmp_path, capsys):
+    out = tmp_path / "student"
+    width = json.loads((tiny_teacher / "config.json").read_text())["intermediate_size"]
+    assert main(distill_args(tiny_teacher, out, "--student", "layers=1", "--prune-ffn", str(width),
+                             "--no-baseline")) == 2
+    assert f"--prune-ffn {width} must be between 1 and" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its work directory

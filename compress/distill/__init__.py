@@ -162,7 +162,6 @@ def distill(cfg: DistillConfig) -> Path:
     label_map = check_teacher_labels(data, teacher.config)
 
     t_enc = encode(data, t_tok, cfg.max_length, label_map)
-    prepare_work_dir(work, cfg.resume, cfg.force)
     vocab_stats, teacher_ids, ffn_stats = None, None, None
     s_tok, s_enc = student.tokenizer, t_enc
     if student.kind == "dir":
@@ -176,6 +175,7 @@ def distill(cfg: DistillConfig) -> Path:
             print(f"feed-forward pruned: {ffn_stats['width_before']} -> {ffn_stats['width_after']} units per layer "
                   f"(ranked on {len(sample)} training examples); "
                   f"{ffn_stats['params_before'] / 1e6:.2f} M -> {ffn_stats['params_after'] / 1e6:.2f} M params")
+    prepare_work_dir(work, cfg.resume, cfg.force)  # after the checks above: bad input leaves nothing behind
     if cfg.prune_vocab:
         size_before, emb_before = _saved_size(student.model), student.model.get_input_embeddings().weight.numel()
         s_tok, vocab = prune_vocab(student.model, s_tok, s_enc["train"].input_ids, min_count=cfg.min_token_count,
