@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,12 +69,21 @@ def library_versions() -> dict[str, str]:
 
     names = ["compress", "torch", "transformers", "tokenizers", "optimum", "optimum-onnx", "onnx",
              "onnxruntime", "bitsandbytes", "evaluate", "datasets", "accelerate", "numpy"]
+    # onnxruntime ships as several distributions (onnxruntime, onnxruntime-gpu, ...), and two can
+    # be installed at once: the imported module's own version is the one that ran.
+    alternatives = {"onnxruntime": ["onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"]}
     out = {}
     for n in names:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            pass
+        module = sys.modules.get(n.replace("-", "_"))
+        if getattr(module, "__version__", None) and n in alternatives:
+            out[n] = module.__version__
+            continue
+        for dist in alternatives.get(n, [n]):
+            try:
+                out[n] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                pass
     return out
 
 

@@ -30,6 +30,9 @@ def session_options(threads: int | None = None, config: dict[str, str] | None = 
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Errors only: on CUDA every session warns that shape operators stay on the CPU and that
+    # inputs are copied to the device, which is how compress feeds it (numpy in, numpy out).
+    options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     for key, value in (config or {}).items():

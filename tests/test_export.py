@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -293,3 +294,28 @@ def test_fp16_export_on_cuda(tiny_teacher, tmp_path):
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
     runner = load_runner(out, device="cuda")
     assert runner.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert m["versions"]["onnxruntime"] == ort.__version__
+
+    from compress.bench import BenchConfig, bench
+
+    results = bench(BenchConfig(artifacts=[str(out)], device="cuda", out=str(tmp_path / "b"), batch_sizes=[1],
+                                seq_lens=[16], budget_s=0.15, min_iters=5, warmup=1, max_examples=120,
+                                peak_probe=False, progress=False))
+    (a,) = results["artifacts"]
+    # onnxruntime's CUDA arena is invisible to torch's allocator; the device-wide figure is used.
+    assert a["format"] == "onnx" and a["memory"]["model_memory_mb"] == a["memory"]["cuda_used_delta_mb"] > 0
+
+
+def test_manifest_names_the_onnxruntime_that_runs(monkeypatch):
+    # onnxruntime and onnxruntime-gpu can both be installed; the imported module decides.
+    import types
+    from importlib import metadata
+
+    from compress.artifacts import library_versions
+
+    other = types.ModuleType("onnxruntime")
+    other.__version__ = "9.9.9"
+    monkeypatch.setitem(sys.modules, "onnxruntime", other)
+    assert library_versions()["onnxruntime"] == "9.9.9"
+    monkeypatch.delitem(sys.modules, "onnxruntime")
+    assert library_versions()["onnxruntime"] == metadata.version("onnxruntime")

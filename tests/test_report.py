@@ -111,7 +111,9 @@ def test_slower_reasons_follow_the_evidence():
     assert "Likely: the differences are within the measurement noise" in note_for(p50=10.1)
     assert "narrow (hidden size 64)" in note_for(hidden=64)
     bnb = note_for(format="bnb")
-    assert "save memory, not time" in bnb and "small inputs" not in bnb
+    assert "save memory, not time" in bnb and "small inputs" not in bnb and "on the CPU" in bnb
+    bnb_gpu = note_for(format="bnb", device="cuda")
+    assert "extra GPU kernels" in bnb_gpu and "on the CPU" not in bnb_gpu
 
 
 def test_no_vnni_reason_on_a_vnni_cpu():

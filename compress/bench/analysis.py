@@ -149,8 +149,12 @@ def _slow_reasons(art: dict, slow: list[tuple[dict, dict]], env: dict) -> list[s
     on_cpu = not str(art.get("device", "cpu")).startswith("cuda")
     if art["format"] == "bnb" or (art["precision"] == "int4" and on_cpu):
         # The dominant cause; the others would only distract from it.
-        return ["bitsandbytes layers on the CPU turn their weights back into floating point on every call: "
-                "they save memory, not time"]
+        if on_cpu:
+            return ["bitsandbytes layers on the CPU turn their weights back into floating point on every call: "
+                    "they save memory, not time"]
+        return ["bitsandbytes layers run extra GPU kernels on every call (dequantizing 4-bit weights, or "
+                "splitting out int8 outlier columns); with matrices this small those launches cost more than "
+                "reading fewer bytes saves: they save memory, not time"]
     reasons = []
     if all(_within_noise(p, r) for p, r in slow):
         reasons.append("the differences are within the measurement noise (the 95% intervals of the two medians "

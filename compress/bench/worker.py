@@ -139,7 +139,9 @@ def measure_artifact(job: dict) -> dict:
         memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         # Device-wide, so it also sees memory that onnxruntime's own CUDA arena holds.
         memory["cuda_used_delta_mb"] = round((cuda_free_before - torch.cuda.mem_get_info()[0]) / 2**20, 1)
-        memory["model_memory_mb"] = memory["cuda_max_allocated_mb"]
+        # torch's allocator does not see onnxruntime's CUDA arena, so ONNX artifacts use the device-wide figure.
+        key = "cuda_used_delta_mb" if runner.format.startswith("onnx") else "cuda_max_allocated_mb"
+        memory["model_memory_mb"] = memory[key]
     else:
         memory["model_memory_mb"] = memory.get("rss_delta_mb")
 
