@@ -301,18 +301,26 @@ def resolve_optimize(level: str, model_type: str) -> str:
 def optimize_graph(path: Path, level: str, config, use_gpu: bool, fuse_skip_layer_norm: bool = True):
     """ONNX Runtime's optimizer on `path`; returns an onnxruntime.transformers OnnxModel."""
     import onnx
+    import onnxruntime as ort
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.onnx_model import OnnxModel
     from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
 
+    # The optimizer opens sessions with the default logger; on CUDA they warn about every
+    # shape operator left on the CPU (session_options quiets compress's own sessions).
+    ort.set_default_logger_severity(3)
     if level == "transformer":
         # opt_level 1 (portable basic passes) then the Python fusions for this model family.
         family = fusion_model_type(config.model_type)
         options = FusionOptions(family)
         options.enable_skip_layer_norm = fuse_skip_layer_norm
-        return optimize_model(str(path), model_type=family, num_heads=getattr(config, "num_attention_heads", 0) or 0,
-                              hidden_size=getattr(config, "hidden_size", 0) or 0, optimization_options=options,
-                              opt_level=1, use_gpu=use_gpu)
+        # With pruned heads the config's head count and width are not the attention's: 0 lets the
+        # fusion read them off each layer's graph.
+        pruned = bool(getattr(config, "pruned_heads", None))
+        return optimize_model(str(path), model_type=family,
+                              num_heads=0 if pruned else getattr(config, "num_attention_heads", 0) or 0,
+                              hidden_size=0 if pruned else getattr(config, "hidden_size", 0) or 0,
+                              optimization_options=options, opt_level=1, use_gpu=use_gpu)
     disabled = [] if fuse_skip_layer_norm else [SKIP_LAYER_NORM_FUSION]
     optimized = optimize_by_onnxruntime(str(path), use_gpu=use_gpu, optimized_model_path=str(path.with_suffix(".opt.onnx")),
                                         opt_level=ORT_LEVELS[level], disabled_optimizers=disabled)

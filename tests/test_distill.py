@@ -326,3 +326,88 @@ def test_too_wide_prune_ffn_exits_2_and_leaves_nothing(tiny_teacher, tmp_path, c
                              "--no-baseline")) == 2
     assert f"--prune-ffn {width} must be between 1 and" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the output nor its work directory
+
+
+def test_prune_heads_removes_exactly_the_heads_it_drops(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from compress.prune_heads import prune_heads
+
+    model = random_classifier()  # 4 layers, hidden 64, 4 heads of 16
+    dead = {i: [i % 4] for i in range(4)}  # a different head per layer
+    with torch.no_grad():
+        for i, layer in enumerate(model.bert.encoder.layer):
+            for h in dead[i]:
+                layer.attention.output.dense.weight[:, h * 16:(h + 1) * 16] = 0  # its output goes nowhere
+    ids = torch.randint(5, 1500, (3, 12))
+    before = model(input_ids=ids).logits
+    stats = prune_heads(model, 3)  # weight norms: the dead head scores 0 in every layer
+    assert stats["pruned"] == dead and stats["kept_score_share"] == [1.0] * 4
+    assert stats["params_before"] - stats["params_after"] == 4 * (3 * (16 * 64 + 16) + 64 * 16)
+    assert model.bert.encoder.layer[0].attention.self.query.weight.shape == (48, 64)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-6, rtol=0)
+    # transformers rebuilds the narrower layers from config.pruned_heads.
+    model.save_pretrained(tmp_path / "m")
+    again = BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(again(input_ids=ids).logits, before, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="never pruned"):
+        prune_heads(again, 2)
+    with pytest.raises(UserError, match="between 1 and"):
+        prune_heads(random_classifier(), 4)
+
+
+def test_prune_heads_ranks_heads_by_their_output_on_data():
+    from compress.prune_heads import prune_heads
+
+    def model_with_a_bias_only_head():
+        model = random_classifier()
+        with torch.no_grad():
+            for layer in model.bert.encoder.layer:
+                value, out = layer.attention.self.value, layer.attention.output.dense
+                value.weight[16:32] = 0  # head 1 has no value weights: its output is its (large) bias
+                value.bias[16:32] = 5.0
+                out.weight[:, 0:16] *= 1e-3  # head 0 has weights but sends almost nothing forward
+        return model
+
+    ids = torch.randint(5, 1500, (4, 12))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    by_data, by_weight = model_with_a_bias_only_head(), model_with_a_bias_only_head()
+    before = by_data.bert(input_ids=ids).last_hidden_state
+    stats = prune_heads(by_data, 3, batches)
+    assert stats["ranking"] == "mean ||c_h W_O[:, h]||" and stats["pruned"] == {i: [0] for i in range(4)}
+    assert (by_data.bert(input_ids=ids).last_hidden_state - before).abs().max() < 0.05
+    # Weight norms alone see no value weights in head 1 and drop the head that matters.
+    assert prune_heads(by_weight, 3)["pruned"] == {i: [1] for i in range(4)}
+    assert (by_weight.bert(input_ids=ids).last_hidden_state - before).abs().max() > 0.5
+
+
+def test_distill_with_prune_heads_saves_a_student_that_exports(tiny_teacher, tmp_path):
+    from compress.bench.flops import architecture
+    from compress.export import ExportConfig, export
+    from compress.models import load_classifier
+
+    out = tmp_path / "student"
+    assert main(distill_args(tiny_teacher, out, "--student", "layers=2", "--prune-heads", "2", "--prune-ffn", "64",
+                             "--losses", "logits,hidden", "--epochs", "1", "--no-baseline")) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["heads"]["heads_before"] == 4 and m["heads"]["heads_after"] == 2 and m["ffn"]["width_after"] == 64
+    model, _ = load_classifier(out)
+    assert all(len(v) == 2 for v in model.config.pruned_heads.values())
+    assert model.bert.encoder.layer[1].attention.self.key.weight.shape == (32, 64)
+    assert architecture(model.config)["attention"] == 32
+    onnx_dir = export(ExportConfig(model=str(out), out=str(tmp_path / "onnx"), optimize="transformer",
+                                   max_examples=96, parity_examples=16, threads=1))
+    e = json.loads((onnx_dir / "manifest.json").read_text())
+    assert e["fused_operators"]["after"].get("Attention") == 2  # the fusion found the narrower heads
+    assert e["parity"]["optimized"]["label_disagreements"] == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prune-heads", "4"], "--prune-heads 4 must be between 1 and"),
+    (["--prune-heads", "2", "--losses", "logits,attention"], "cannot train a student with pruned heads"),
+])
+def test_bad_prune_heads_exits_2_and_leaves_nothing(tiny_teacher, tmp_path, capsys, extra, message):
+    out = tmp_path / "student"
+    assert main(distill_args(tiny_teacher, out, "--student", "layers=1", "--no-baseline", *extra)) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert list(tmp_path.iterdir()) == []

@@ -235,3 +235,14 @@ def test_plot_axes():
     wide = derive(sample_results())
     wide["artifacts"][2]["latency"][0]["p50_ms"] = 0.5  # 0.5 .. 12.5 ms: a log axis
     assert "(log scale)" in render_html(wide) and "(log scale)" not in render_html(derive(sample_results()))
+
+
+def test_flops_use_the_attention_width_left_by_head_pruning():
+    from compress.bench.flops import flops_per_inference
+
+    arch = {"layers": 3, "hidden": 384, "ff": 384, "heads": 12, "num_labels": 2}
+    s, h, f, a = 128, 384, 384, 192
+    full = flops_per_inference(arch, 1, s)
+    half = flops_per_inference({**arch, "attention": a}, 1, s)
+    assert full == 3 * (8 * s * h * h + 4 * s * h * f + 4 * s * s * h) + 2 * h * h + 2 * h * 2
+    assert half == 3 * (8 * s * h * a + 4 * s * h * f + 4 * s * s * a) + 2 * h * h + 2 * h * 2

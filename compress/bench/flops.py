@@ -33,6 +33,11 @@ def architecture(config) -> dict | None:
     if "layers" not in out or "hidden" not in out:
         return None
     out.setdefault("ff", 4 * out["hidden"])  # the usual ratio when a config leaves it implicit
+    pruned = getattr(config, "pruned_heads", None) or {}
+    if pruned and out.get("heads"):
+        # Pruned heads narrow Q, K, V, O and the attention itself: the mean width over layers.
+        removed = sum(len(v) for v in pruned.values()) / out["layers"]
+        out["attention"] = round(out["hidden"] * (1 - removed / out["heads"]))
     out["num_labels"] = int(getattr(config, "num_labels", 2) or 2)
     out["vocab"] = int(getattr(config, "vocab_size", 0) or 0)
     return out
@@ -41,14 +46,16 @@ def architecture(config) -> dict | None:
 def flops_per_inference(arch: dict | None, batch_size: int, seq_len: int) -> float | None:
     """Floating-point operations (2 per multiply-add) of one forward pass on a padded batch.
 
-    Per layer and sequence: projections Q, K, V, O: 4 * 2*s*h^2; feed-forward: 2 * 2*s*h*ff;
-    attention scores QK^T and the weighted sum AV: 2 * 2*s^2*h. Then the pooler 2*h^2 and
-    the classifier 2*h*labels once per sequence.
+    Per layer and sequence: projections Q, K, V, O: 4 * 2*s*h*a; feed-forward: 2 * 2*s*h*ff;
+    attention scores QK^T and the weighted sum AV: 2 * 2*s^2*a, where a is the attention width
+    (h, or less after head pruning). Then the pooler 2*h^2 and the classifier 2*h*labels once
+    per sequence.
     """
     if not arch:
         return None
     s, h, ff, layers = seq_len, arch["hidden"], arch["ff"], arch["layers"]
-    per_layer = 8 * s * h * h + 4 * s * h * ff + 4 * s * s * h
+    a = arch.get("attention", h)
+    per_layer = 8 * s * h * a + 4 * s * h * ff + 4 * s * s * a
     head = 2 * h * h + 2 * h * arch.get("num_labels", 2)
     return float(batch_size * (layers * per_layer + head))
 

@@ -30,7 +30,7 @@ from compress.models import load_classifier
 from compress.train import check_output, save_artifact
 
 REPORT = "distill_report.md"
-FFN_SAMPLE = 512  # training examples that rank the feed-forward units for --prune-ffn
+FFN_SAMPLE = 512  # training examples that rank the heads and feed-forward units for --prune-heads/--prune-ffn
 
 
 class DistillConfig(LoopConfig):
@@ -45,6 +45,7 @@ class DistillConfig(LoopConfig):
     hidden_weight: float = Field(1.0, ge=0, description="weight of the hidden-state MSE")
     attention_weight: float = Field(1.0, ge=0, description="weight of the attention-distribution KL")
     layer_map: str = Field("uniform", description="student->teacher layers for hidden/attention losses: uniform, last, or pairs like 1:3,2:6 (1-based)")
+    prune_heads: int | None = Field(None, ge=1, description="keep this many attention heads in every student layer, those whose output has the largest mean norm on 512 training examples, before training (docs/distill.md)")
     prune_ffn: int | None = Field(None, ge=1, description="narrow every student layer's feed-forward block to this many units, keeping those with the largest mean activation on 512 training examples times out-projection norm, before training (docs/distill.md)")
     prune_vocab: bool = Field(False, description="keep only the tokens of the training data (plus special tokens) in the student")
     min_token_count: int = Field(1, ge=1, description="with --prune-vocab, keep tokens seen at least this many times in training")
@@ -134,6 +135,7 @@ def distill(cfg: DistillConfig) -> Path:
 
     from compress.hardware import resolve_device, resolve_precision
     from compress.prune_ffn import prune_ffn
+    from compress.prune_heads import prune_heads
     from compress.prune_vocab import prune_vocab, unk_share
 
     out = Path(cfg.out)
@@ -157,20 +159,32 @@ def distill(cfg: DistillConfig) -> Path:
                             f"{student.model.config.num_attention_heads} heads and the teacher "
                             f"{teacher.config.num_attention_heads}. Give the student the teacher's head count, or "
                             "drop 'attention' from --losses.")
+        if cfg.prune_heads:
+            raise UserError("The attention loss compares attention maps head by head, so it cannot train a student "
+                            "with pruned heads. Drop 'attention' from --losses or drop --prune-heads.")
         disable_attention_dropout(student.model)
     data = load_data(cfg)
     label_map = check_teacher_labels(data, teacher.config)
 
     t_enc = encode(data, t_tok, cfg.max_length, label_map)
-    vocab_stats, teacher_ids, ffn_stats = None, None, None
+    vocab_stats, teacher_ids, ffn_stats, head_stats = None, None, None, None
     s_tok, s_enc = student.tokenizer, t_enc
     if student.kind == "dir":
         s_enc = encode(data, s_tok, cfg.max_length, label_map)
+    # Heads and units are ranked by what they do on the training text (the first FFN_SAMPLE examples).
+    sample = np.arange(min(FFN_SAMPLE, len(s_enc["train"])))
+
+    def sample_batches():
+        return iterate(s_enc["train"], np.array_split(sample, max(1, len(sample) // 64)), s_tok.pad_token_id)
+
+    if cfg.prune_heads:
+        head_stats = prune_heads(student.model, cfg.prune_heads, sample_batches())
+        if dist.is_main():
+            print(f"attention heads pruned: {head_stats['heads_before']} -> {head_stats['heads_after']} per layer "
+                  f"(ranked on {len(sample)} training examples); "
+                  f"{head_stats['params_before'] / 1e6:.2f} M -> {head_stats['params_after'] / 1e6:.2f} M params")
     if cfg.prune_ffn:
-        # Rank units by what they do on the training text (the first FFN_SAMPLE examples).
-        sample = np.arange(min(FFN_SAMPLE, len(s_enc["train"])))
-        batches = iterate(s_enc["train"], np.array_split(sample, max(1, len(sample) // 64)), s_tok.pad_token_id)
-        ffn_stats = prune_ffn(student.model, cfg.prune_ffn, batches)
+        ffn_stats = prune_ffn(student.model, cfg.prune_ffn, sample_batches())
         if dist.is_main():
             print(f"feed-forward pruned: {ffn_stats['width_before']} -> {ffn_stats['width_after']} units per layer "
                   f"(ranked on {len(sample)} training examples); "
@@ -260,6 +274,7 @@ def distill(cfg: DistillConfig) -> Path:
                                                        _saved_size(baseline_model.to("cpu")))})
     settings = (f"Teacher `{cfg.teacher}`, student `{cfg.student}` ({student.kind}, {n_student} layers"
                 + (f": teacher layers {student.layers}" if student.layers else "")
+                + (f", heads {head_stats['heads_before']} -> {head_stats['heads_after']}" if head_stats else "")
                 + (f", feed-forward {ffn_stats['width_before']} -> {ffn_stats['width_after']} units" if ffn_stats else "")
                 + f"), losses {cfg.losses}, "
                 f"T={cfg.temperature}, alpha={cfg.alpha}, layer pairs {pairs}, {cfg.epochs} epochs, lr {cfg.lr}, "
@@ -280,7 +295,7 @@ def distill(cfg: DistillConfig) -> Path:
                   baseline={"validation": baseline.best_metrics, "test": rows[2]["test"],
                             "steps": baseline.steps} if baseline else None,
                   student={"kind": student.kind, "teacher_layers": student.layers, "layer_pairs": pairs},
-                  vocab=vocab_stats, ffn=ffn_stats, teacher_forward_calls={"cache": cache_calls, "training": train_calls},
+                  vocab=vocab_stats, heads=head_stats, ffn=ffn_stats, teacher_forward_calls={"cache": cache_calls, "training": train_calls},
                   data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts,
                         "augmented_train_examples": len(train) if cfg.augment else None},
                   history=result.history)
