@@ -65,20 +65,22 @@ def _narrowed(linear, keep, dim: int):
     return new
 
 
-def mean_activations(model, projections, batches) -> list:
-    """Mean |input| of each out-projection (the units' activations) over the real tokens."""
+def token_means(model, modules, measure, batches) -> list:
+    """For each of `modules`, the mean over the real (unpadded) tokens of `batches` of
+    `measure(i, x)`, a [batch, seq, k] tensor computed from the module's input x."""
     import torch
 
-    sums = [torch.zeros(w.in_features, dtype=torch.float64) for w in projections]
+    sums = [None] * len(modules)
     state = {"mask": None, "tokens": 0}
 
     def hook(i):
         def fn(_module, args):
-            act = args[0].detach().abs().to(torch.float64)
-            sums[i].add_((act * state["mask"]).sum(dim=(0, 1)).cpu())
+            value = measure(i, args[0].detach()).to(torch.float64)
+            total = (value * state["mask"]).sum(dim=(0, 1)).cpu()
+            sums[i] = total if sums[i] is None else sums[i] + total
         return fn
 
-    handles = [w.register_forward_pre_hook(hook(i)) for i, w in enumerate(projections)]
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(modules)]
     was_training = model.training
     model.eval()
     try:
@@ -92,6 +94,11 @@ def mean_activations(model, projections, batches) -> list:
             h.remove()
         model.train(was_training)
     return [s / max(state["tokens"], 1) for s in sums]
+
+
+def mean_activations(model, projections, batches) -> list:
+    """Mean |input| of each out-projection (the units' activations) over the real tokens."""
+    return token_means(model, projections, lambda _i, x: x.abs(), batches)
 
 
 def prune_ffn(model, width: int, batches=None) -> dict[str, Any]:

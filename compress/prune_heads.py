@@ -49,33 +49,16 @@ def head_output_norms(model, outputs, n_heads: int, batches) -> list:
     """Mean ||c_h W_O[:, h]|| of each head h of each layer over the real tokens of `batches`."""
     import torch
 
-    sums = [torch.zeros(n_heads, dtype=torch.float64) for _ in outputs]
-    state = {"mask": None, "tokens": 0}
+    from compress.prune_ffn import token_means
 
-    def hook(i, weight):
-        def fn(_module, args):
-            ctx = args[0].detach()
-            b, s, width = ctx.shape
-            d = width // n_heads
-            w = weight.detach().view(weight.shape[0], n_heads, d)  # [out, head, d]
-            per_head = torch.einsum("bshd,ohd->bsho", ctx.view(b, s, n_heads, d), w).norm(dim=-1)
-            sums[i].add_((per_head.to(torch.float64) * state["mask"]).sum(dim=(0, 1)).cpu())
-        return fn
+    def per_head(i, ctx):
+        b, s, width = ctx.shape
+        d = width // n_heads
+        weight = outputs[i].weight.detach()
+        w = weight.view(weight.shape[0], n_heads, d)  # [out, head, d]
+        return torch.einsum("bshd,ohd->bsho", ctx.view(b, s, n_heads, d), w).norm(dim=-1)
 
-    handles = [o.register_forward_pre_hook(hook(i, o.weight)) for i, o in enumerate(outputs)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                state["mask"] = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
-                state["tokens"] += int(batch["attention_mask"].sum())
-                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return [s / max(state["tokens"], 1) for s in sums]
+    return token_means(model, outputs, per_head, batches)
 
 
 def prune_heads(model, keep: int, batches=None) -> dict[str, Any]:

@@ -177,18 +177,17 @@ def distill(cfg: DistillConfig) -> Path:
     def sample_batches():
         return iterate(s_enc["train"], np.array_split(sample, max(1, len(sample) // 64)), s_tok.pad_token_id)
 
+    def say_pruned(what: str, before: int, after: int, stats: dict):
+        if dist.is_main():
+            print(f"{what} pruned: {before} -> {after} per layer (ranked on {len(sample)} training examples); "
+                  f"{stats['params_before'] / 1e6:.2f} M -> {stats['params_after'] / 1e6:.2f} M params")
+
     if cfg.prune_heads:
         head_stats = prune_heads(student.model, cfg.prune_heads, sample_batches())
-        if dist.is_main():
-            print(f"attention heads pruned: {head_stats['heads_before']} -> {head_stats['heads_after']} per layer "
-                  f"(ranked on {len(sample)} training examples); "
-                  f"{head_stats['params_before'] / 1e6:.2f} M -> {head_stats['params_after'] / 1e6:.2f} M params")
+        say_pruned("attention heads", head_stats["heads_before"], head_stats["heads_after"], head_stats)
     if cfg.prune_ffn:
         ffn_stats = prune_ffn(student.model, cfg.prune_ffn, sample_batches())
-        if dist.is_main():
-            print(f"feed-forward pruned: {ffn_stats['width_before']} -> {ffn_stats['width_after']} units per layer "
-                  f"(ranked on {len(sample)} training examples); "
-                  f"{ffn_stats['params_before'] / 1e6:.2f} M -> {ffn_stats['params_after'] / 1e6:.2f} M params")
+        say_pruned("feed-forward units", ffn_stats["width_before"], ffn_stats["width_after"], ffn_stats)
     prepare_work_dir(work, cfg.resume, cfg.force)  # after the checks above: bad input leaves nothing behind
     if cfg.prune_vocab:
         size_before, emb_before = _saved_size(student.model), student.model.get_input_embeddings().weight.numel()
