@@ -160,7 +160,8 @@ def memory_method(results: dict) -> str:
     if methods == {"subprocess"}:
         return ("Peak RSS is the high-water resident memory of a fresh process that measured only this "
                 "artifact (interpreter, libraries and data included). Model memory is that peak minus the "
-                "resident memory just before the artifact was loaded; on CUDA it is torch's peak allocation, or for ONNX Runtime the device memory in use after the run.")
+                "resident memory just before the artifact was loaded; on CUDA it is torch's peak allocation, "
+                "or for ONNX Runtime the device memory in use after the run.")
     return ("Artifacts were measured in one process: the high-water mark was reset before each artifact, but "
             "memory an earlier artifact freed may be reused, so per-artifact memory figures are approximate. "
             "Run with --isolate for honest per-artifact peaks.")
