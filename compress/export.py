@@ -301,14 +301,10 @@ def resolve_optimize(level: str, model_type: str) -> str:
 def optimize_graph(path: Path, level: str, config, use_gpu: bool, fuse_skip_layer_norm: bool = True):
     """ONNX Runtime's optimizer on `path`; returns an onnxruntime.transformers OnnxModel."""
     import onnx
-    import onnxruntime as ort
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.onnx_model import OnnxModel
     from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
 
-    # The optimizer opens sessions with the default logger; on CUDA they warn about every
-    # shape operator left on the CPU (session_options quiets compress's own sessions).
-    ort.set_default_logger_severity(3)
     if level == "transformer":
         # opt_level 1 (portable basic passes) then the Python fusions for this model family.
         family = fusion_model_type(config.model_type)
@@ -356,9 +352,14 @@ def export(cfg: ExportConfig) -> Path:
         (format "onnx", onnx_file, opset, optimize level, fused-operator counts, parity figures).
     """
     import onnx
+    import onnxruntime as ort
 
     from compress.hardware import resolve_device
 
+    # Errors only. On CUDA, initialising a session warns about every shape operator kept on the
+    # CPU through ONNX Runtime's default logger, which the session's own log level leaves alone,
+    # and the optimizer's sessions use it too.
+    ort.set_default_logger_severity(3)
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise UserError(f"The output directory '{out}' already exists. Choose another --out, or pass --force "
