@@ -343,8 +343,10 @@ def calibration_batches(cfg: QuantizeConfig, data, tokenizer) -> tuple[list[dict
 
 def _write(tmp: Path, cfg: QuantizeConfig, src: Path, evaluator, chosen, calib_info, tolerance, search, auto_rows,
            met: bool) -> dict[str, Any]:
+    from compress.quantize import tune
+
     info = dict(chosen.info)
-    top = {k: info.pop(k) for k in ("format", "onnx_file", "dtype", "ort_session_config") if k in info}
+    top = {k: info.pop(k) for k in tune.RUNNER_KEYS if k in info}
     method = info.pop("method")
     info.pop("run_device", None)
     size, parent_size = weights_size(tmp), weights_size(src)

@@ -24,6 +24,10 @@ import numpy as np
 from compress.artifacts import MANIFEST
 from compress.data import EncodedSplit, check_labels, tokenize
 from compress.metrics import classification_metrics
+
+# What a method's info holds that runners read from the manifest's top level (how to load and
+# run the artifact): written for each candidate here, and for the chosen one by the stage.
+RUNNER_KEYS = ("format", "onnx_file", "dtype", "ort_session_config")
 from compress.runners import load_runner, score
 
 
@@ -86,7 +90,7 @@ def build(method, job, directory: Path, exclude: list[str]) -> dict[str, Any]:
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     info = method.build(job, directory, exclude)
-    keys = {k: info[k] for k in ("format", "onnx_file", "dtype", "ort_session_config") if k in info}
+    keys = {k: info[k] for k in RUNNER_KEYS if k in info}
     (directory / MANIFEST).write_text(json.dumps({"stage": "quantize", **keys}) + "\n")
     return info
 
