@@ -128,7 +128,7 @@ def test_results_schema(two_artifact_run):
     results, out = two_artifact_run
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert {"report.md", "report.html", "results.json"} <= {p.name for p in out.iterdir()}
-    assert results["schema_version"] == 1 and results["baseline"] == "ref"
+    assert results["schema_version"] == 2 and results["baseline"] == "ref"
     env = results["environment"]
     assert isinstance(env["cpu"]["isa"], list) and env["cpu"]["logical_cores"] >= 1
     assert len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
@@ -138,6 +138,8 @@ def test_results_schema(two_artifact_run):
     for a in results["artifacts"]:
         assert a["format"] == "pytorch" and a["precision"] == "fp32" and a["stage"] == "train"
         assert 0 <= a["accuracy"] <= 1 and 0 <= a["macro_f1"] <= 1 and a["n"] == 120
+        assert a["quality"] == {"task": "classification", "primary": "accuracy", "higher_is_better": True,
+                                "metrics": {k: a[k] for k in ("accuracy", "macro_f1", "n")}}
         assert a["size_bytes"] > 100_000 and a["params"] > 100_000
         assert a["arch"] == {"layers": 2, "hidden": 64, "ff": 128, "heads": 4, "num_labels": 2, "vocab": a["arch"]["vocab"]}
         assert a["threads"]["torch_intra_op"] == 1

@@ -78,8 +78,11 @@ def test_derived_figures(results):
     assert p["roofline"] == round(flops / 0.010 / 1e9 / 100.0, 4)  # fp32 peak
     assert q["latency"][1]["roofline"] == round(q["latency"][1]["flops"] / 0.1 / 1e9 / 400.0, 4)  # int8 peak
     assert q["parent_name"] == "teacher" and s["parent_name"] is None
-    assert q["vs_baseline"] == {"accuracy_delta_pts": -0.5, "macro_f1_delta_pts": -0.5, "size_ratio": 0.2556,
-                                "params_ratio": 1.0, "memory_ratio": 1.0}
+    vs = dict(q["vs_baseline"])
+    assert vs.pop("primary") == {"metric": "accuracy", "higher_is_better": True, "delta": -0.005, "delta_pts": -0.5,
+                                 "ratio": 0.9938, "change_pct": -0.62}  # schema 2: the generic comparison
+    assert vs == {"accuracy_delta_pts": -0.5, "macro_f1_delta_pts": -0.5, "size_ratio": 0.2556,
+                  "params_ratio": 1.0, "memory_ratio": 1.0}
     assert [p["speedup_vs_baseline"] for p in s["latency"]] == [2.0, 2.0]
     assert [p["speedup_vs_baseline"] for p in q["latency"]] == [0.8, 2.0]
 

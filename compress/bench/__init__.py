@@ -21,10 +21,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from compress.bench.schema import SCHEMA_VERSION  # noqa: F401  (re-exported: the version bench writes)
 from compress.data import DataConfig
 from compress.errors import UserError
-
-SCHEMA_VERSION = 1
 
 
 class BenchConfig(DataConfig):

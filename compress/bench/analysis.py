@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compress.bench.flops import flops_per_inference
+from compress.bench.schema import metric_info, normalise_artifact, primary_comparison
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
@@ -52,7 +53,7 @@ def point_key(point: dict) -> tuple[int, int]:
 
 
 def headline_point(results: dict) -> tuple[int, int] | None:
-    """The (batch, seq) plotted against accuracy: the smallest batch at the longest sequence,
+    """The (batch, seq) plotted against quality: the smallest batch at the longest sequence,
     i.e. online inference on a full-length input."""
     points = {point_key(p) for a in results.get("artifacts", []) for p in a.get("latency", [])}
     if not points:
@@ -61,13 +62,20 @@ def headline_point(results: dict) -> tuple[int, int] | None:
     return batch, max(s for b, s in points if b == batch)
 
 
-def pareto_front(items: list[tuple[float, float]]) -> list[bool]:
-    """For (latency, accuracy) pairs: True where no other item is at least as fast and as
-    accurate and strictly better in one of the two."""
+def pareto_front(items: list[tuple[float, float]], higher_is_better: bool = True) -> list[bool]:
+    """For (latency, quality) pairs: True where no other item is at least as fast and at
+    least as good and strictly better in one of the two.
+
+    Args:
+        items: (latency, value of the primary metric) per artifact.
+        higher_is_better: the metric's direction (accuracy: True; perplexity: False).
+    """
+    sign = 1 if higher_is_better else -1
+    scored = [(lat, sign * q) for lat, q in items]
     front = []
-    for i, (lat, acc) in enumerate(items):
-        dominated = any(l2 <= lat and a2 >= acc and (l2 < lat or a2 > acc)
-                        for j, (l2, a2) in enumerate(items) if j != i)
+    for i, (lat, q) in enumerate(scored):
+        dominated = any(l2 <= lat and q2 >= q and (l2 < lat or q2 > q)
+                        for j, (l2, q2) in enumerate(scored) if j != i)
         front.append(not dominated)
     return front
 
@@ -78,6 +86,18 @@ def _ratio(a, b, digits: int = 4):
 
 def _delta_pts(a, b):
     return round((a - b) * 100, 2) if a is not None and b is not None else None
+
+
+def quality_vs_baseline(quality: dict | None, base: dict | None) -> dict:
+    """The quality keys of `vs_baseline`: `primary` (the generic comparison of the primary
+    metric) and `<name>_delta_pts` for every fraction metric both have (for classification:
+    the schema-1 `accuracy_delta_pts` and `macro_f1_delta_pts`)."""
+    out = {"primary": primary_comparison(quality, base)}
+    theirs = (base or {}).get("metrics") or {}
+    for name, value in ((quality or {}).get("metrics") or {}).items():
+        if metric_info(name).fraction and name in theirs:
+            out[f"{name}_delta_pts"] = _delta_pts(value, theirs[name])
+    return out
 
 
 def _find_parent(art: dict, artifacts: list[dict]) -> str | None:
@@ -97,11 +117,15 @@ def _find_parent(art: dict, artifacts: list[dict]) -> str | None:
 
 
 def derive(results: dict) -> dict:
-    """Add flops/achieved_gflops/roofline per point, parents, vs_baseline, and notes. Returns results."""
+    """Add flops/achieved_gflops/roofline per point, parents, vs_baseline, and notes. Returns results.
+
+    Artifacts without a quality block (schema 1) get one from their top-level accuracy."""
     artifacts = results["artifacts"]
     peak = results.get("peak") or {}
     by_name = {a["name"]: a for a in artifacts}
     base = by_name.get(results.get("baseline"))
+    for art in artifacts:
+        normalise_artifact(art)  # a hand-built or schema-1 artifact: its quality block from accuracy
     for art in artifacts:
         peak_value = peak.get(PEAK_KEY.get(art["precision"], ""))
         for p in art["latency"]:
@@ -114,8 +138,7 @@ def derive(results: dict) -> dict:
         if base is not None:
             base_points = {point_key(p): p for p in base["latency"]}
             art["vs_baseline"] = {
-                "accuracy_delta_pts": _delta_pts(art["accuracy"], base["accuracy"]),
-                "macro_f1_delta_pts": _delta_pts(art["macro_f1"], base["macro_f1"]),
+                **quality_vs_baseline(art.get("quality"), base.get("quality")),
                 "size_ratio": _ratio(art["size_bytes"], base["size_bytes"]),
                 "params_ratio": _ratio(art["params"], base["params"]),
                 "memory_ratio": _ratio(art["memory"].get("model_memory_mb"), base["memory"].get("model_memory_mb")),

@@ -1,7 +1,7 @@
 """Inline SVG plots for report.html: no JavaScript, no external files, deterministic text.
 
-Two plots: accuracy against latency with the Pareto front marked, and size per
-artifact. Both are strings of SVG that the HTML embeds as they are.
+Two plots: the primary quality metric (accuracy, perplexity, ...) against latency with
+the Pareto front marked, and size per artifact. Both are strings of SVG that the HTML embeds as they are.
 """
 
 from __future__ import annotations
@@ -74,11 +74,12 @@ def _free_label_y(placed: list[tuple[float, float, float, float]], x: float, y: 
 
 
 def scatter(items: list[dict], *, title: str, x_label: str, y_label: str, width: int = 560,
-            height: int = 400) -> str:
-    """Accuracy-vs-latency scatter. items: {name, x, y, colour, front (bool)}.
+            height: int = 400, log_y_allowed: bool = False) -> str:
+    """Quality-vs-latency scatter. items: {name, x, y, colour, front (bool)}.
 
     Points on the Pareto front are drawn as filled diamonds and joined by a dashed step
-    line; the others as hollow circles.
+    line; the others as hollow circles. With `log_y_allowed`, a y range spanning a decade
+    or more gets a log axis (perplexities of an untrained and a trained model).
     """
     left, right, top, bottom = 64, 24, 40, 56  # room for tick and axis labels
     pw, ph = width - left - right, height - top - bottom
@@ -88,11 +89,17 @@ def scatter(items: list[dict], *, title: str, x_label: str, y_label: str, width:
     # bitsandbytes); a linear axis would pile the fast ones onto one pixel.
     log_x = min(xs) > 0 and max(xs) / min(xs) >= 10
     x_ticks = log_ticks(min(xs), max(xs)) if log_x else nice_ticks(0.0, max(xs) * 1.08)
-    pad = max(0.5, (max(ys) - min(ys)) * 0.15)
-    y_ticks = nice_ticks(min(ys) - pad, max(ys) + pad)
+    log_y = log_y_allowed and min(ys) > 0 and max(ys) / min(ys) >= 10
+    if log_y:
+        y_ticks = log_ticks(min(ys), max(ys))
+    else:
+        pad = max(0.5, (max(ys) - min(ys)) * 0.15)
+        y_ticks = nice_ticks(min(ys) - pad, max(ys) + pad)
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
     if log_x:
         x_label += " (log scale)"
+    if log_y:
+        y_label += " (log scale)"
 
     def sx(v: float) -> float:
         if log_x:
@@ -100,6 +107,8 @@ def scatter(items: list[dict], *, title: str, x_label: str, y_label: str, width:
         return left + (v - x0) / (x1 - x0) * pw
 
     def sy(v: float) -> float:
+        if log_y:
+            return top + ph - (math.log10(v) - math.log10(y0)) / (math.log10(y1) - math.log10(y0)) * ph
         return top + ph - (v - y0) / (y1 - y0) * ph
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot plot-scatter" viewBox="0 0 {width} {height}" '
@@ -121,7 +130,7 @@ def scatter(items: list[dict], *, title: str, x_label: str, y_label: str, width:
 
     front = sorted((i for i in items if i["front"]), key=lambda i: i["x"])
     if len(front) > 1:
-        # A step line: from each front point, accuracy holds until the next (slower, better) one.
+        # A step line: from each front point, quality holds until the next (slower, better) one.
         path = [f"M{_num(sx(front[0]['x']))},{_num(sy(front[0]['y']))}"]
         for a, b in zip(front, front[1:]):
             path.append(f"H{_num(sx(b['x']))}V{_num(sy(b['y']))}")

@@ -2,7 +2,9 @@
 
 Rendering is a pure function of the results dict (schema: docs/results-schema.md): the
 same JSON always gives the same bytes, and nothing is re-measured. Both formats are
-built from the same table definitions, so they cannot disagree.
+built from the same table definitions, so they cannot disagree. Every renderer reads the
+current shape (`schema.normalise`): the quality columns are the metrics the artifacts'
+quality blocks hold, so a language model's report has perplexity columns and no accuracy.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import Field
 
 from compress.bench import plots
 from compress.bench.analysis import headline_point, pareto_front, point_key
+from compress.bench.schema import READABLE_VERSIONS, SCHEMA_VERSION, metric_info, normalise, report_primary
 from compress.config import StageConfig
 from compress.errors import UserError
 
@@ -67,31 +70,88 @@ def _times(v) -> str:
     return "–" if v is None else f"{v:.2f}x"
 
 
-def _on_front(results: dict) -> dict[str, bool]:
-    """Which artifacts are on the accuracy/latency Pareto front at the headline point."""
-    head = headline_point(results)
-    items, names = [], []
+def _metric(v, name: str) -> str:
+    """A metric value as the reports show it: fractions as percentages, counts whole."""
+    info = metric_info(name)
+    if v is None:
+        return "–"
+    if info.fraction:
+        return _pct(v)
+    if info.count or isinstance(v, int):
+        return str(v)
+    return _f(v, info.digits)
+
+
+def _primary_values(results: dict) -> list[tuple[dict, float]]:
+    """(artifact, value of the report's primary metric) for artifacts that rank by it."""
+    primary = report_primary(results)
+    out = []
     for a in results["artifacts"]:
+        q = a.get("quality")
+        if primary and q and q["primary"] == primary[0] and q["metrics"].get(primary[0]) is not None:
+            out.append((a, q["metrics"][primary[0]]))
+    return out
+
+
+def _on_front(results: dict) -> dict[str, bool]:
+    """Which artifacts are on the quality/latency Pareto front at the headline point."""
+    head = headline_point(results)
+    primary = report_primary(results)
+    items, names = [], []
+    for a, value in _primary_values(results):
         p = next((p for p in a["latency"] if point_key(p) == head), None)
-        if p is not None and a.get("accuracy") is not None:
-            items.append((p["p50_ms"], a["accuracy"]))
+        if p is not None:
+            items.append((p["p50_ms"], value))
             names.append(a["name"])
-    return dict(zip(names, pareto_front(items)))
+    return dict(zip(names, pareto_front(items, primary[1] if primary else True)))
+
+
+def _metric_names(results: dict) -> list[str]:
+    """Every metric some artifact's quality block holds, in the order they first appear."""
+    names: dict[str, None] = {}
+    for a in results["artifacts"]:
+        names.update(dict.fromkeys(((a.get("quality") or {}).get("metrics") or {})))
+    return list(names)
+
+
+def _shared_counts(results: dict) -> dict[str, int]:
+    """Count metrics (examples, tokens) on which every artifact that has them agrees: said
+    once in the summary. A count that differs (tokens under two tokenizers) gets a column."""
+    out = {}
+    for name in _metric_names(results):
+        if not metric_info(name).count:
+            continue
+        values = {((a.get("quality") or {}).get("metrics") or {}).get(name) for a in results["artifacts"]} - {None}
+        if len(values) == 1:
+            out[name] = values.pop()
+    return out
+
+
+def _metric_columns(results: dict) -> list[str]:
+    shared = _shared_counts(results)
+    return [m for m in _metric_names(results) if m not in shared]
+
+
+def _primary_label(results: dict) -> str:
+    primary = report_primary(results)
+    return metric_info(primary[0]).label if primary else "quality"
 
 
 # --------------------------------------------------------------------------- tables (shared by both formats)
 
 def models_table(results: dict) -> Table:
     front = _on_front(results)
+    metrics = _metric_columns(results)
     rows = []
     for a in results["artifacts"]:
         mem = a.get("memory") or {}
-        rows.append([a["name"], a["format"], a["precision"], _pct(a["accuracy"]), _pct(a["macro_f1"]),
+        values = (a.get("quality") or {}).get("metrics") or {}
+        rows.append([a["name"], a["format"], a["precision"], *(_metric(values.get(m), m) for m in metrics),
                      _mib(a["size_bytes"]), _count(a["params"]), _f(mem.get("peak_rss_mb"), 1),
                      _f(mem.get("model_memory_mb"), 1), "yes" if front.get(a["name"]) else ""])
-    headers = ["Artifact", "Format", "Precision", "Accuracy %", "Macro-F1 %", "Size MiB", "Params",
+    headers = ["Artifact", "Format", "Precision", *(metric_info(m).header for m in metrics), "Size MiB", "Params",
                "Peak RSS MiB", "Model memory MiB", "Pareto front"]
-    return headers, rows, "lllrrrrrrl"
+    return headers, rows, "lll" + "r" * len(metrics) + "rrrrl"
 
 
 def latency_table(results: dict) -> Table:
@@ -113,15 +173,25 @@ def baseline_table(results: dict) -> Table | None:
     if not base:
         return None
     keys = sorted({point_key(p) for a in results["artifacts"] for p in a["latency"]})
+    # Fraction metrics (accuracy) compare as differences in points; any other primary metric
+    # (perplexity) as a ratio and a relative change.
+    pts = [m for m in _metric_names(results) if metric_info(m).fraction]
+    primary = report_primary(results)
+    ratio_of = primary[0] if primary and not metric_info(primary[0]).fraction else None
     rows = []
     for a in results["artifacts"]:
         vs = a.get("vs_baseline") or {}
+        cmp = (vs.get("primary") or {}) if ratio_of else {}
+        cmp = cmp if cmp.get("metric") == ratio_of else {}
         speed = {point_key(p): p.get("speedup_vs_baseline") for p in a["latency"]}
-        rows.append([a["name"], _signed(vs.get("accuracy_delta_pts")), _signed(vs.get("macro_f1_delta_pts")),
-                     _f(vs.get("size_ratio"), 3), _f(vs.get("params_ratio"), 3), _f(vs.get("memory_ratio"), 3)]
+        rows.append([a["name"], *(_signed(vs.get(f"{m}_delta_pts")) for m in pts)]
+                    + ([_f(cmp.get("ratio"), 3), _signed(cmp.get("change_pct"))] if ratio_of else [])
+                    + [_f(vs.get("size_ratio"), 3), _f(vs.get("params_ratio"), 3), _f(vs.get("memory_ratio"), 3)]
                     + [_times(speed.get(k)) for k in keys])
-    headers = ["Artifact", "Δ accuracy pts", "Δ macro-F1 pts", "Size ratio", "Params ratio", "Memory ratio"] + \
-              [f"Speed-up b{b} s{s}" for b, s in keys]
+    label = metric_info(ratio_of).label if ratio_of else ""
+    headers = (["Artifact", *(f"Δ {metric_info(m).label} pts" for m in pts)]
+               + ([f"{label[:1].upper() + label[1:]} ratio", f"Δ {label} %"] if ratio_of else [])
+               + ["Size ratio", "Params ratio", "Memory ratio"] + [f"Speed-up b{b} s{s}" for b, s in keys])
     return headers, rows, "l" + "r" * (len(headers) - 1)
 
 
@@ -169,16 +239,31 @@ def memory_method(results: dict) -> str:
 
 def _summary(results: dict) -> list[str]:
     ds = results.get("dataset") or {}
-    n = next((a["n"] for a in results["artifacts"] if a.get("n") is not None), None)
+    counts = "".join(f"{v} {metric_info(k).count}, " for k, v in _shared_counts(results).items())
     head = headline_point(results)
-    lines = [f"Dataset `{ds.get('source')}`, {ds.get('split')} split ({n} examples, max_length {ds.get('max_length')}); "
-             f"created {results.get('created')}; schema version {results.get('schema_version')}."]
+    primary = report_primary(results)
+    label = _primary_label(results)
+    version = results.get("read_from_schema_version", results.get("schema_version"))
+    lines = [f"Dataset `{ds.get('source')}`, {ds.get('split')} split ({counts}max_length {ds.get('max_length')}); "
+             f"created {results.get('created')}; schema version {version}."]
     if results.get("baseline"):
+        if primary and not metric_info(primary[0]).fraction:
+            better = "above" if primary[1] else "below"
+            quality = f"{label} ratio = artifact / baseline ({better} 1 is better)."
+        else:
+            quality = f"{label} deltas in percentage points."
         lines.append(f"Baseline: `{results['baseline']}`. Speed-up = baseline p50 / artifact p50; size ratio = "
-                     "artifact / baseline; accuracy deltas in percentage points.")
+                     f"artifact / baseline; {quality}")
     if head:
-        lines.append(f"The Pareto front is taken at batch {head[0]}, sequence {head[1]} (accuracy against p50 latency).")
+        direction = "" if not primary or primary[1] else f"; lower {label} is better"
+        lines.append(f"The Pareto front is taken at batch {head[0]}, sequence {head[1]} "
+                     f"({label} against p50 latency{direction}).")
     return lines
+
+
+def _models_heading(results: dict) -> str:
+    label = _primary_label(results)
+    return f"{label[:1].upper() + label[1:]}, size and memory"
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -201,8 +286,9 @@ def md_table(table: Table) -> str:
 
 
 def render_markdown(results: dict) -> str:
-    """report.md for a results dict."""
-    parts = ["# Benchmark report", "", *_summary(results), "", "## Accuracy, size and memory", "",
+    """report.md for a results dict of any readable schema version."""
+    results = normalise(results)
+    parts = ["# Benchmark report", "", *_summary(results), "", f"## {_models_heading(results)}", "",
              md_table(models_table(results)), "", memory_method(results), "",
              "## Latency", "", md_table(latency_table(results)), "",
              "GFLOP/s = FLOPs per inference (docs/results-schema.md) / p50; % of peak compares it with the "
@@ -253,30 +339,41 @@ def html_table(table: Table) -> str:
 def _plots(results: dict) -> str:
     head = headline_point(results)
     front = _on_front(results)
+    primary = report_primary(results)
+    name, higher = primary if primary else ("accuracy", True)
+    info = metric_info(name)
+    ranked = {a["name"]: value for a, value in _primary_values(results)}
     scatter_items, bar_items = [], []
     for i, a in enumerate(results["artifacts"]):
         p = next((p for p in a["latency"] if point_key(p) == head), None)
-        if p is not None and a.get("accuracy") is not None:
-            scatter_items.append({"name": a["name"], "x": p["p50_ms"], "y": a["accuracy"] * 100,
+        if p is not None and a["name"] in ranked:
+            y = ranked[a["name"]] * 100 if info.fraction else ranked[a["name"]]
+            scatter_items.append({"name": a["name"], "x": p["p50_ms"], "y": y,
                                   "colour": plots.colour(i), "front": front.get(a["name"], False)})
         bar_items.append({"name": a["name"], "value": None if a.get("size_bytes") is None else a["size_bytes"] / 2**20,
                           "colour": plots.colour(i)})
     where = f"batch {head[0]}, sequence {head[1]}" if head else "no latency point"
-    scatter = plots.scatter(scatter_items, title="Accuracy vs latency", x_label=f"p50 latency, ms ({where})",
-                            y_label="accuracy, %")
+    title = f"{info.label[:1].upper() + info.label[1:]} vs latency"
+    y_label = f"{info.label}, %" if info.fraction else f"{info.label} ({'higher' if higher else 'lower'} is better)"
+    scatter = plots.scatter(scatter_items, title=title, x_label=f"p50 latency, ms ({where})", y_label=y_label,
+                            log_y_allowed=not info.fraction)
     size = plots.bars(bar_items, title="Size on disk", unit="MiB")
+    where_better = "Up and to the left" if higher else "Down and to the left"
+    as_good = ("at least as accurate" if name == "accuracy" else
+               f"at least as {'high' if higher else 'low'} in {info.label}")
     return ('<div class="plots">'
-            f'<figure>{scatter}<figcaption>Up and to the left is better. Diamonds joined by the dashed line are '
-            'on the Pareto front: no other artifact is both at least as fast and at least as accurate.'
+            f'<figure>{scatter}<figcaption>{where_better} is better. Diamonds joined by the dashed line are '
+            f'on the Pareto front: no other artifact is both at least as fast and {escape(as_good)}.'
             '</figcaption></figure>'
             f'<figure>{size}<figcaption>Bytes of the weight files (what you ship).</figcaption></figure></div>')
 
 
 def render_html(results: dict) -> str:
-    """report.html for a results dict: self-contained, plots as inline SVG."""
+    """report.html for a results dict of any readable schema version: self-contained, plots as inline SVG."""
+    results = normalise(results)
     body = ["<h1>Benchmark report</h1>"]
     body += [f'<p class="summary">{escape(line).replace("`", "")}</p>' for line in _summary(results)]
-    body += [_plots(results), "<h2>Accuracy, size and memory</h2>", html_table(models_table(results)),
+    body += [_plots(results), f"<h2>{escape(_models_heading(results))}</h2>", html_table(models_table(results)),
              f'<p class="muted">{escape(memory_method(results))}</p>',
              "<h2>Latency</h2>", html_table(latency_table(results)),
              '<p class="muted">GFLOP/s = FLOPs per inference / p50; % of peak compares it with the matmul peak of '
@@ -329,12 +426,11 @@ def report(cfg: ReportConfig) -> tuple[Path, Path]:
         results = json.loads(src.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"'{src}' is not valid JSON ({err.msg} at line {err.lineno}). Re-run compress bench.") from None
-    from compress.bench import SCHEMA_VERSION
-
     version = results.get("schema_version") if isinstance(results, dict) else None
-    if version != SCHEMA_VERSION:
-        raise UserError(f"'{src}' has schema_version {version}; this compress renders version {SCHEMA_VERSION}. "
-                        "Re-run compress bench with this version.")
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+        raise UserError(f"'{src}' has schema_version {version}; this compress renders versions {readable} "
+                        f"(it writes {SCHEMA_VERSION}). Re-run compress bench with this version.")
     paths = write_reports(results, cfg.out or src.parent)
     print(f"compress report: wrote {paths[0]} and {paths[1]}")
     return paths

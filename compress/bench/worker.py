@@ -1,4 +1,4 @@
-"""Measure one artifact: accuracy, size, parameters, latency grid, memory.
+"""Measure one artifact: quality (its task's metrics), size, parameters, latency grid, memory.
 
 Run in a fresh process by default (`python -m compress.bench.worker JOB.json OUT.json`)
 so that the peak RSS it reports belongs to this artifact alone: a process's high-water
@@ -19,6 +19,7 @@ from compress.artifacts import read_manifest, weights_size
 from compress.bench.analysis import artifact_precision
 from compress.bench.flops import architecture, count_parameters
 from compress.bench.measure import latency, make_batch, peak_rss_mb, reset_peak_rss, rss_mb, timer_for
+from compress.bench.schema import quality_block, quality_fields
 from compress.errors import UserError
 
 
@@ -151,7 +152,7 @@ def measure_artifact(job: dict) -> dict:
         "format": runner.format, "device": runner.device,
         "precision": artifact_precision(manifest, runner.format),
         "stage": manifest.get("stage"), "parent": manifest.get("parent"),
-        "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n": metrics["n"],
+        **quality_fields(quality_block("classification", metrics)),
         "size_bytes": weights_size(path), "params": params, "params_method": params_method,
         "arch": architecture(config),
         "fused": _graph_fused(path),
