@@ -1,16 +1,22 @@
-"""Artifact directories: atomic writes and the manifest.
+"""Artifact directories: where outputs may go, atomic writes, and the manifest.
 
 An artifact is a directory in the Hugging Face `save_pretrained` layout (or an ONNX
 model beside its config and tokenizer) plus `manifest.json`, which records what
 produced it, from what, with which config and what it measured. Stages write into a
 temporary sibling directory and rename it into place only when everything succeeded,
 so an interrupted or failed stage never leaves a directory that looks finished.
+
+Every stage goes through this module for its output: `check_output` before any work
+(an existing output without --force, a parent that is a file, no permission),
+`atomic_output` for an artifact directory, `atomic_write` for a single file, `check_dir`
+and `make_dir` for a directory that collects outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -28,23 +34,111 @@ MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".bin", ".pt", ".data")
 
 
+def check_output(out: str | os.PathLike, force: bool = False, *, directory: bool = True) -> Path:
+    """Fail now, before any work, when `out` cannot become a stage's output. Creates nothing.
+
+    Args:
+        out: the file or directory the stage will write.
+        force: allow replacing an existing `out`.
+        directory: `out` will be a directory (an artifact); False for a single file.
+
+    Returns:
+        `out` as a Path.
+
+    Raises:
+        UserError: `out` exists (without `force`), or its location cannot be created or
+            written: a parent that is a file, a directory without write permission, a
+            read-only file system.
+    """
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UserError(
+            f"The output {'directory' if directory else 'file'} '{out}' already exists. Choose "
+            "another --out, or pass --force to replace it."
+        )
+    if not directory and out.is_dir():
+        raise UserError(f"The output '{out}' is a directory; --out names a file here (e.g. {out / 'metrics.json'}).")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:  # the nearest part that exists
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(
+            f"Cannot create the output '{out}': '{ancestor}' is a file, not a directory. Choose "
+            "another --out, or move that file away."
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(
+            f"Cannot create the output '{out}': no permission to write in '{ancestor}'. Choose a "
+            "writable location with --out."
+        )
+    return out
+
+
+def work_dir(out: str | os.PathLike) -> Path:
+    """The run directory of a training stage, `<out>.work`, beside its output."""
+    out = Path(out)
+    return out.with_name(out.name + ".work")
+
+
+def check_dir(path: str | os.PathLike) -> Path:
+    """Fail now when `path` is neither a writable directory nor a place to create one.
+
+    For a directory that collects outputs (a recipe's output_dir, a report's directory),
+    which, unlike an artifact, may already exist. Creates nothing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"Cannot write in the directory '{path}': no permission. Choose another location.")
+        return path
+    if path.exists():
+        raise UserError(f"'{path}' is a file, not a directory. Choose another location, or move that file away.")
+    return check_output(path, force=True)
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """Create the directory `path` (and its parents) if needed, or say why it cannot be."""
+    path = check_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"Cannot create the directory '{path}': {err.strerror or err}. Choose another "
+                        "location.") from None
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """The reason, when `err` says the disk or file system refused a write (full, read-only)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return err.strerror or str(err)
+    # safetensors and torch report a full disk as their own error types, with the OS message inside.
+    text = str(err)
+    for reason in ("No space left on device", "Disk quota exceeded", "Read-only file system", "StorageFull"):
+        if reason in text:
+            return "No space left on device" if reason == "StorageFull" else reason
+    return None
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` when the block succeeds.
 
-    Refuses an existing `out` unless `force`. On any exception the temporary
-    directory is removed and `out` is left as it was.
+    Refuses an existing `out` unless `force` (see `check_output`). On any exception the
+    temporary directory is removed and `out` is left as it was; a full disk or a read-only
+    file system becomes a UserError that names `out`.
     """
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(
-            f"The output directory '{out}' already exists. Choose another --out, or pass "
-            "--force to replace it."
-        )
-    parent = out.parent if str(out.parent) else Path(".")
+    out = check_output(out, force)
+    parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact is not
     except OSError as err:
         raise UserError(
             f"Cannot write the output directory '{out}': {err.strerror}. Choose a writable "
@@ -52,16 +146,41 @@ def atomic_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
         ) from None
     try:
         yield tmp
-        if out.exists():
+        if out.exists() or out.is_symlink():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = _write_failure(err)
+        if reason:
+            raise UserError(f"Cannot write the output '{out}': {reason}. Nothing was written there; free "
+                            "some space or choose another --out.") from None
         raise
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> Path:
+    """Write the text file `path` whole or not at all (a temporary sibling renamed over it).
+
+    Replaces an existing file. Any failure to write becomes a UserError naming `path`.
+    """
+    path = check_output(path, force=True, directory=False)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as err:
+        raise UserError(f"Cannot write '{path}': {err.strerror or err}. Nothing was written there; free some "
+                        "space or choose another location.") from None
+    return path
 
 
 def library_versions() -> dict[str, str]:

@@ -131,7 +131,77 @@ def _check_utf8(path: Path) -> None:
         ) from None
 
 
+def _check_json_lines(path: Path, lines) -> None:
+    """Every non-blank line one JSON object, or a UserError naming the first line that is not."""
+    import json
+
+    for number, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            what = (f"it ends before its object is complete ({err.msg}; is a closing }} or \" missing?)"
+                    if err.pos >= len(line.rstrip()) else f"{err.msg} at column {err.colno}")
+            raise UserError(
+                f"The file '{path}' is not valid JSON Lines: line {number}: {what}. "
+                'Each line must be one complete JSON object, e.g. {"text": "...", "label": 0}.'
+            ) from None
+        if not isinstance(record, dict):
+            raise UserError(
+                f"The file '{path}' is not valid JSON Lines: line {number} is a JSON {type(record).__name__}, "
+                'not an object. Each line must be one JSON object, e.g. {"text": "...", "label": 0}.'
+            )
+
+
+def _check_json(path: Path) -> None:
+    """Say which line of a JSON or JSON Lines file is malformed, before datasets' parser
+    reports it as a row of one of its chunks (and logs it on stderr).
+
+    `.jsonl` is JSON Lines. `.json` is one JSON document, or JSON Lines when it does not parse
+    as one document and its first line is an object by itself.
+    """
+    import json
+
+    if path.suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            _check_json_lines(path, f)
+        return
+    text = path.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as err:
+        whole = err
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        one_line = isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        one_line = False
+    if one_line:
+        _check_json_lines(path, lines)
+        return
+    raise UserError(f"The file '{path}' is not valid JSON: line {whole.lineno}: {whole.msg} at column {whole.colno}. "
+                    "Use a list of objects, or JSON Lines (one object per line, e.g. a .jsonl file).")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception: datasets wraps the parser's own message in a generic one."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
 def _load_file(path: Path):
+    """The one place that reads a data file (CSV, TSV, JSON, JSONL, Parquet) into a Dataset.
+
+    Malformed input is a UserError naming the file (and the line, for JSON); datasets' and
+    pyarrow's own log lines are silenced so that the message is all the user sees.
+    """
     import datasets
 
     kind = FILE_TYPES.get(path.suffix.lower())
@@ -141,13 +211,22 @@ def _load_file(path: Path):
             f"{', '.join(FILE_TYPES)}, or a directory saved with datasets.save_to_disk."
         )
     _check_utf8(path)
+    if path.stat().st_size == 0:
+        raise UserError(f"The file '{path}' has no rows. Every split needs examples.")
+    if kind == "json":
+        _check_json(path)
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors become our message
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in many types
-        if "corresponds to no data" in str(err) or path.stat().st_size == 0:
+        if "corresponds to no data" in str(err):
             raise UserError(f"The file '{path}' has no rows. Every split needs examples.") from None
-        raise UserError(f"Cannot parse '{path}' as {kind}: {err}") from None
+        cause = _root_cause(err)
+        raise UserError(f"Cannot parse '{path}' as {kind}: {str(cause).strip() or type(cause).__name__}.") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _split_one(ds, seed: int = 0) -> dict[str, Any]:

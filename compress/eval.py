@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from compress.artifacts import atomic_write, check_output
 from compress.data import DataConfig, check_labels, encode, load_data
 from compress.metrics import classification_metrics
 from compress.runners import load_runner, score
@@ -27,6 +27,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Score `cfg.model` on `cfg.split`; return {accuracy, macro_f1, n, ...}."""
     from compress.hardware import resolve_device
 
+    if cfg.out:
+        check_output(cfg.out, force=True, directory=False)  # a metrics file is replaced, but its place must be writable
     runner = load_runner(cfg.model, device=resolve_device(cfg.device))
     data = load_data(cfg)
     label2id = getattr(runner.config, "label2id", None)
@@ -35,6 +37,5 @@ def evaluate(cfg: EvalConfig) -> dict:
     metrics = classification_metrics(score(runner, split, cfg.batch_size), split.labels, runner.config.num_labels)
     result = {"model": str(cfg.model), "format": runner.format, "dataset": data.source, "split": cfg.split, **metrics}
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write(cfg.out, json.dumps(result, indent=2) + "\n")
     return result

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from compress.artifacts import atomic_output, read_manifest, write_manifest
+from compress.artifacts import atomic_output, check_output, read_manifest, write_manifest
 from compress.data import DataConfig, encode, load_data
 from compress.errors import GateFailed, UserError
 from compress.ort_settings import (DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, choose_skip_layer_norm,
@@ -360,10 +360,7 @@ def export(cfg: ExportConfig) -> Path:
     # CPU through ONNX Runtime's default logger, which the session's own log level leaves alone,
     # and the optimizer's sessions use it too.
     ort.set_default_logger_severity(3)
-    out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise UserError(f"The output directory '{out}' already exists. Choose another --out, or pass --force "
-                        "to replace it.")
+    out = check_output(cfg.out, cfg.force)
     device = resolve_device(cfg.device)
     if cfg.dtype == "fp16" and device != "cuda":
         raise UserError("--dtype fp16 makes a graph for CUDA and is checked on CUDA, but the device is the CPU. "

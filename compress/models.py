@@ -100,7 +100,23 @@ def resolve_model(model: str) -> ModelSource:
     return ModelSource("hub", model)
 
 
+# What a complete model directory holds besides config.json. Weights load without running
+# code: safetensors (or an ONNX graph). Pickled checkpoints are refused (docs/decisions.md).
+SAFE_WEIGHT_SUFFIXES = (".safetensors", ".onnx")
+PICKLED_WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl")  # and pytorch_model*.bin
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+COMPLETE_DIR = ("A complete model directory, as save_pretrained or any compress stage writes it, holds config.json, "
+                "the weights (model.safetensors, or model.onnx for an exported model) and the tokenizer files "
+                "(tokenizer.json, or vocab.txt / vocab.json with tokenizer_config.json).")
+
+
 def check_model_dir(path: Path) -> None:
+    """Fail unless `path` holds config.json, safetensors (or ONNX) weights and a tokenizer.
+
+    Raises:
+        UserError: naming every missing part, or the pickled checkpoint that is refused.
+    """
     if not path.is_dir():
         raise UserError(f"'{path}' is a file, not a model directory. Pass the directory that holds config.json.")
     if not (path / "config.json").is_file():
@@ -108,6 +124,25 @@ def check_model_dir(path: Path) -> None:
             f"'{path}' is not a Hugging Face model directory: it has no config.json. Pass a directory "
             "written by save_pretrained or by a compress stage."
         )
+    names = {p.name for p in path.iterdir() if p.is_file()}
+    weights = any(n.endswith(SAFE_WEIGHT_SUFFIXES) for n in names)
+    pickled = sorted(n for n in names if n.endswith(PICKLED_WEIGHT_SUFFIXES)
+                     or (n.startswith("pytorch_model") and n.endswith(".bin")))
+    if not weights and pickled:
+        first = path / pickled[0]
+        raise UserError(
+            f"'{path}' holds its weights only as a pickled checkpoint ({', '.join(pickled)}); compress loads "
+            "safetensors only, because unpickling can run code. If you trust the file, convert it once: "
+            f"python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{first}', "
+            f"weights_only=True); save_file({{k: v.contiguous().clone() for k, v in sd.items()}}, "
+            f"'{path / 'model.safetensors'}', metadata={{'format': 'pt'}})\" and then remove {pickled[0]}."
+        )
+    missing = ([] if weights else ["weights (model.safetensors)"]) + \
+        ([] if names & set(TOKENIZER_FILES) else ["tokenizer (tokenizer.json or vocab.txt)"])
+    if missing:
+        raise UserError(f"'{path}' is not a complete model directory: it has config.json but no "
+                        f"{' and no '.join(missing)}. {COMPLETE_DIR} Copy the missing files in, or pass the "
+                        "directory a compress stage wrote.")
 
 
 def train_wordpiece(texts: list[str], vocab_size: int = 8000):
@@ -148,10 +183,15 @@ def train_wordpiece(texts: list[str], vocab_size: int = 8000):
 def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    path = Path(directory)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"'{path}' has no tokenizer files. {COMPLETE_DIR}")
     try:
         return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise UserError(f"Cannot load a tokenizer from '{directory}': {err}") from None
+        found = sorted(name for name in TOKENIZER_FILES if (path / name).is_file())
+        raise UserError(f"Cannot load the tokenizer in '{directory}' (it has {', '.join(found) or 'no tokenizer files'}): "
+                        f"{err}. {COMPLETE_DIR}") from None
 
 
 def build_classifier(source: ModelSource, *, label_names: list[str], train_texts: list[str] | None = None,

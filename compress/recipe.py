@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from compress.artifacts import MANIFEST, fingerprint
+from compress.artifacts import MANIFEST, atomic_write, check_dir, fingerprint, make_dir, work_dir
 from compress.config import StageConfig, _literal_choices, to_argv
 from compress.errors import UserError
 
@@ -87,8 +87,18 @@ class Recipe:
 # --------------------------------------------------------------------------- loading
 
 
+# The tags a recipe's values can have: plain YAML (a date resolves to timestamp by itself).
+SAFE_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map",
+                                                        "timestamp"))
+MERGE_TAG = "tag:yaml.org,2002:merge"  # the `<<` key that merges an anchored mapping
+
+
 def _line_map(text: str, path: Path) -> dict[tuple, int]:
-    """Key path -> 1-based line, from the YAML node tree (safe_load drops positions)."""
+    """Key path -> 1-based line, from the YAML node tree (safe_load drops positions).
+
+    Also the one check of the recipe's YAML itself: syntax errors and tags that safe_load
+    cannot build become a UserError naming the file and line.
+    """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
@@ -100,17 +110,33 @@ def _line_map(text: str, path: Path) -> dict[tuple, int]:
                 "Check the indentation and quoting around that line.")
         raise UserError(f"{where}: the recipe is not valid YAML: {getattr(err, 'problem', err)}. {hint}") from None
     lines: dict[tuple, int] = {}
+    inside: set[int] = set()  # the nodes on the current path: an alias can make the tree a cycle
+
+    def check(node) -> None:
+        if node.tag not in SAFE_TAGS:  # safe_load would refuse it too, but with a constructor traceback
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise UserError(f"{path}:{node.start_mark.line + 1}: tag {tag} is not allowed in a recipe. A recipe "
+                            "holds plain values (strings, numbers, booleans, lists and mappings); remove the tag.")
+        if id(node) in inside:
+            raise UserError(f"{path}:{node.start_mark.line + 1}: this alias refers to a node that contains it; a "
+                            "recipe cannot be recursive.")
 
     def walk(node, prefix: tuple) -> None:
         lines[prefix] = node.start_mark.line + 1
+        check(node)
+        inside.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                lines[prefix + (k.value,)] = k.start_mark.line + 1
-                walk(v, prefix + (k.value,))
-                lines[prefix + (k.value,)] = k.start_mark.line + 1
+                if k.tag != MERGE_TAG:
+                    check(k)
+                key = k.value if isinstance(k, yaml.ScalarNode) else None  # safe_load refuses the others
+                lines[prefix + (key,)] = k.start_mark.line + 1
+                walk(v, prefix + (key,))
+                lines[prefix + (key,)] = k.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
                 walk(v, prefix + (i,))
+        inside.discard(id(node))
 
     if root is not None:
         walk(root, ())
@@ -137,6 +163,7 @@ def _apply_overrides(doc: dict, overrides: list[str], path: Path) -> None:
         stages = doc.get("stages") or {}
         if stage not in stages:
             raise UserError(f"--set '{item}': {path} has no stage '{stage}' (stages: {', '.join(stages)}).")
+        _line_map(value, Path(f"--set '{item}'"))  # the recipe file's checks: valid YAML, no tags
         stages[stage][k] = yaml.safe_load(value)
 
 
@@ -147,7 +174,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         raise UserError(f"The recipe '{path}' does not exist. The shipped recipes are in recipes/.")
     text = path.read_text()
     lines = _line_map(text, path)
-    doc = yaml.safe_load(text)
+    try:
+        doc = yaml.safe_load(text)
+    except Exception as err:  # what _line_map's checks did not foresee, e.g. `!!timestamp nope`
+        mark = getattr(err, "problem_mark", None)
+        raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: the recipe cannot be read as plain YAML "
+                        f"values ({getattr(err, 'problem', None) or err}). Check any value with an explicit !!tag.") from None
 
     def where(*key) -> str:
         for n in range(len(key), -1, -1):
@@ -251,9 +283,7 @@ def _stamp(out: Path, value: str) -> None:
     target = out / MANIFEST if out.is_dir() else out
     doc = json.loads(target.read_text()) if target.is_file() else {}
     doc["recipe_hash"] = value
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, target)
+    atomic_write(target, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def _work_marker(stage: Stage) -> Path:
@@ -270,7 +300,7 @@ def plan(recipe: Recipe, from_stage: str | None = None) -> list[tuple[Stage, str
     for s in recipe.stages:
         rerun = rerun or s.name == from_stage
         finished = s.out.exists() and _stamped_hash(s.out) == s.hash
-        work = s.out.with_name(s.out.name + ".work")
+        work = work_dir(s.out)
         if finished and not rerun:
             out.append((s, "skip"))
         else:
@@ -310,13 +340,14 @@ def _run_stage(stage: Stage, action: str) -> None:
 def run(cfg: RunConfig) -> Recipe:
     """Run every stage of the recipe that is not already finished with the same inputs."""
     recipe = load_recipe(cfg.recipe, cfg.set)
+    check_dir(recipe.output_dir)  # before the plan: a file in the way fails now
     steps = plan(recipe, cfg.from_stage)
     print(f"recipe {recipe.path} -> {recipe.output_dir}")
     for stage, action in steps:
         print(f"  {stage.name:<12} {stage.type:<9} {action:<7} -> {stage.out}")
     if cfg.dry_run:
         return recipe
-    recipe.output_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(recipe.output_dir)
     for stage, action in steps:
         if action == "skip":
             continue

@@ -8,9 +8,9 @@ from pathlib import Path
 from pydantic import Field
 
 from compress import distributed as dist
-from compress.artifacts import atomic_output, write_manifest
+from compress import artifacts
+from compress.artifacts import atomic_output, work_dir, write_manifest
 from compress.data import encode, load_data
-from compress.errors import UserError
 from compress.loop import LoopConfig, fit, predict_logits, prepare_work_dir
 from compress.metrics import classification_metrics
 from compress.models import build_classifier, resolve_model
@@ -25,11 +25,10 @@ class TrainConfig(LoopConfig):
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (only for sources you trust)")
 
 
-def check_output(out: Path, force: bool, resume: bool) -> Path:
-    """Fail before any work when the output exists; return the run's work directory."""
-    if out.exists() and not force:
-        raise UserError(f"The output directory '{out}' already exists. Choose another --out, or pass --force to replace it.")
-    return out.with_name(out.name + ".work")
+def check_output(out: Path, force: bool) -> Path:
+    """Fail before any work when `out` cannot be written (`artifacts.check_output`); return
+    the run's work directory, `<out>.work`."""
+    return work_dir(artifacts.check_output(out, force))
 
 
 def save_artifact(model, tokenizer, out: Path, work: Path, *, force: bool, stage: str, config: dict,
@@ -63,7 +62,7 @@ def train(cfg: TrainConfig) -> Path:
     from compress.hardware import resolve_device
 
     out = Path(cfg.out)
-    work = check_output(out, cfg.force, cfg.resume)
+    work = check_output(out, cfg.force)
     dist.setup(resolve_device(cfg.device))  # before any rank touches the work directory
     data = load_data(cfg)
     source = resolve_model(cfg.model)

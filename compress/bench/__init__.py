@@ -131,7 +131,7 @@ def bench(cfg: BenchConfig) -> dict:
     Returns:
         The results dict written to results.json (schema in docs/results-schema.md).
     """
-    from compress.artifacts import atomic_output
+    from compress.artifacts import atomic_output, check_output
     from compress.bench.analysis import derive
     from compress.bench.environment import environment, load_average
     from compress.bench.peak import matmul_peak
@@ -139,6 +139,7 @@ def bench(cfg: BenchConfig) -> dict:
     from compress.bench.worker import measure_artifact
     from compress.hardware import resolve_device
 
+    check_output(cfg.out, cfg.force)
     device = resolve_device(cfg.device)
     threads = cfg.threads or os.cpu_count()
     artifacts, base_name = parse_artifacts(cfg.artifacts, cfg.baseline)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from html import escape
 from pathlib import Path
 
 from pydantic import Field
 
+from compress.artifacts import atomic_write, make_dir
 from compress.bench import plots
 from compress.bench.analysis import headline_point, pareto_front, point_key
 from compress.bench.schema import READABLE_VERSIONS, SCHEMA_VERSION, metric_info, normalise, report_primary
@@ -397,20 +397,13 @@ def render_html(results: dict) -> str:
 
 # --------------------------------------------------------------------------- files
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_reports(results: dict, directory: str | os.PathLike) -> tuple[Path, Path]:
     """Write report.md and report.html into `directory`; return their paths."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dir(directory)
     md, html = directory / "report.md", directory / "report.html"
-    _write_atomic(md, render_markdown(results))
-    _write_atomic(html, render_html(results))
+    atomic_write(md, render_markdown(results))
+    atomic_write(html, render_html(results))
     return md, html
 
 

@@ -139,7 +139,7 @@ def distill(cfg: DistillConfig) -> Path:
     from compress.prune_vocab import prune_vocab, unk_share
 
     out = Path(cfg.out)
-    work = check_output(out, cfg.force, cfg.resume)
+    work = check_output(out, cfg.force)
     device = dist.setup(resolve_device(cfg.device))  # before any rank touches the work directory
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # the cache passes run before fit() would set it

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from compress.artifacts import atomic_output, fingerprint, read_manifest, weights_size, write_manifest
+from compress.artifacts import atomic_output, check_output, fingerprint, make_dir, read_manifest, weights_size, write_manifest
 from compress.data import DataConfig
 from compress.errors import GateFailed, UserError
 
@@ -172,9 +172,7 @@ def quantize(cfg: QuantizeConfig) -> Path:
     from compress.models import check_model_dir
     from compress.quantize import tune
 
-    out, src = Path(cfg.out), Path(cfg.model)
-    if out.exists() and not cfg.force:
-        raise UserError(f"The output directory '{out}' already exists. Choose another --out, or pass --force to replace it.")
+    out, src = check_output(cfg.out, cfg.force), Path(cfg.model)
     if not src.is_dir():
         raise UserError(f"The model directory '{src}' does not exist. Pass an artifact written by train, distill or export.")
     check_model_dir(src)
@@ -195,7 +193,7 @@ def quantize(cfg: QuantizeConfig) -> Path:
     if any(m.calibrated for m in methods):
         calibration, calib_info = calibration_batches(cfg, data, evaluator.tokenizer)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as tmpdir:
         work = Path(tmpdir)
         exports: dict[str, Path] = {}
