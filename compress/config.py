@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+import warnings
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress.errors import UserError
 
@@ -23,6 +24,27 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
     # Fields given on the command line without a flag (e.g. `compress bench ART ART`).
     positional: ClassVar[tuple[str, ...]] = ()
+    # Old key -> the field that replaced it. The old key (and its --flag) is still accepted,
+    # with a deprecation warning, and renamed before validation.
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rename_deprecated(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or not cls.renamed:
+            return values
+        values = dict(values)
+        for old, new in cls.renamed.items():
+            if old not in values:
+                continue
+            value = values.pop(old)
+            if new in values:
+                raise ValueError(f"'{old}' is the deprecated name of '{new}'; give only '{new}'")
+            warnings.warn(f"{cls.__name__}: '{old}' (--{old.replace('_', '-')}) is deprecated and will be removed; "
+                          f"use '{new}' (--{new.replace('_', '-')}). Taken as {new}={value!r}.", FutureWarning,
+                          stacklevel=2)
+            values[new] = value
+        return values
 
     @classmethod
     def parse(cls, values: dict[str, Any], where: str = "") -> "StageConfig":
@@ -31,6 +53,19 @@ class StageConfig(BaseModel):
             return cls.model_validate(values)
         except ValidationError as err:
             raise UserError(describe_validation_error(cls, err, where)) from None
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class RuntimeConfig(StageConfig):
+    """Where and how a stage runs: declared once here, composed by every stage config."""
+
+    device: Device = Field("cpu", description="where to run: cpu, cuda, or auto (cuda when PyTorch sees a GPU, else cpu)")
+    threads: int | None = Field(None, ge=1, description="CPU threads of PyTorch and ONNX Runtime (default: the libraries' choice, all cores)")
+    force: bool = Field(False, description="replace an existing output")
+    trust_remote_code: bool = Field(False, description="allow model code shipped with a checkpoint when loading it (only for sources you trust)")
+    eval_batch_size: int = Field(64, ge=1, description="examples per batch when scoring (validation, test, calibration checks, benchmark accuracy)")
 
 
 def describe_validation_error(cls: type[BaseModel], err: ValidationError, where: str = "") -> str:
@@ -84,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], skip:
             many = get_origin(ann) in (list, tuple)
             parser.add_argument(name, nargs="+" if many else None, help=(field.description or "").replace("%", "%%"))
             continue
-        default = field.default if not field.is_required() else None
+        default = extra.get("default_text", field.default if not field.is_required() else None)
         # argparse %-formats help strings: a literal % (as in "--max-drop 1%") must be doubled.
         help_ = ((field.description or "") + ("" if field.is_required() else f" [default: {default}]")).replace("%", "%%")
         choices = _literal_choices(field.annotation)
@@ -99,10 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[StageConfig], skip:
             # Everything else arrives as a string and pydantic coerces it (ints, floats, lists
             # given as comma-separated strings are split below).
             parser.add_argument(flag, dest=name, default=None, help=help_, required=field.is_required())
+    for old in cls.renamed:  # deprecated flags: still accepted, not listed
+        parser.add_argument("--" + old.replace("_", "-"), dest=old, default=None, help=argparse.SUPPRESS)
 
 
 def from_args(cls: type[StageConfig], args: argparse.Namespace) -> StageConfig:
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {old: getattr(args, old) for old in cls.renamed if getattr(args, old, None) is not None}
     for name, field in cls.model_fields.items():
         v = getattr(args, name, None)
         if v is None:

@@ -5,10 +5,8 @@ The graph comes from optimum-onnx's exporter (so the directory loads in
 `torch.onnx.export` only for architectures optimum has no ONNX config for. ONNX Runtime's
 transformer optimizer then fuses attention, layer norms and GELU. After every step the
 graph must reproduce the PyTorch logits on real validation batches within `atol` and
-predict the same labels, or the stage raises `GateFailed` and writes nothing.
-
-This module also registers the ONNX Runtime runner (`format: onnx`) used by eval, bench
-and the quantize stage.
+predict the same labels, or the stage raises `GateFailed` and writes nothing. The graphs
+run through the ONNX Runtime runner (`compress.runners.ort`), as eval, bench and quantize do.
 """
 
 from __future__ import annotations
@@ -23,13 +21,14 @@ import numpy as np
 from pydantic import Field
 
 from compress.artifacts import atomic_output, check_output, read_manifest, write_manifest
+from compress.config import RuntimeConfig
 from compress.data import DataConfig, encode, load_data
 from compress.errors import GateFailed, UserError
-from compress.ort_settings import (DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, choose_skip_layer_norm,
-                                   session_options)
-from compress.runners import TorchRunner, detect_format, numpy_batch, register
-
-ONNX_FILE = "model.onnx"
+from compress.lineage import inherits_data
+from compress.ort_settings import DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, choose_skip_layer_norm
+from compress.runners import detect_format, numpy_batch
+from compress.runners.ort import ONNX_FILE, OrtRunner
+from compress.runners.pytorch import TorchRunner
 TASK = "text-classification"
 # The TorchScript exporter that optimum drives stops at opset 20; below 14 BERT's
 # attention (scaled_dot_product_attention, Trilu) has no ONNX translation.
@@ -44,8 +43,9 @@ ORT_LEVELS = {"basic": 1, "extended": 2}
 PARITY_BATCH_SIZES = (32, 8, 1)  # the first batch also serves as the tracing example
 
 
-class ExportConfig(DataConfig):
-    """Export a PyTorch classifier artifact to ONNX, with parity gates."""
+class ExportConfig(RuntimeConfig, DataConfig):
+    """Export a PyTorch classifier artifact to ONNX, with parity gates (which run on --device,
+    and the graph is optimised for it)."""
 
     model: str = Field(..., description="PyTorch classifier artifact directory (from train, distill or save_pretrained)")
     out: str = Field(..., description="output directory: model.onnx, config.json, tokenizer files, manifest.json")
@@ -63,69 +63,6 @@ class ExportConfig(DataConfig):
     atol: float = Field(1e-4, gt=0, description="largest |logit difference| allowed between PyTorch and an fp32 ONNX graph")
     fp16_atol: float = Field(1e-2, gt=0, description="largest |logit difference| allowed for the fp16 graph (fp16 keeps ~3 significant digits)")
     parity_examples: int = Field(64, ge=1, le=4096, description="validation examples fed to each parity gate, at batch sizes 1, 8 and 32")
-    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the parity gates run (and the graph is optimised for)")
-    threads: int | None = Field(None, ge=1, description="intra-op threads of PyTorch and ONNX Runtime in the gates; None: the libraries' choice")
-    force: bool = Field(False, description="replace an existing output directory")
-
-
-# --------------------------------------------------------------------------- ONNX Runtime runner
-
-@register("onnx")
-class OrtRunner:
-    """ONNX Runtime inference on an ONNX artifact or a plain optimum ONNX directory."""
-
-    format = "onnx"
-
-    def __init__(self, directory: Path, device: str = "cpu", threads: int | None = None,
-                 onnx_file: str | None = None, session_config: dict[str, str] | None = None):
-        import onnxruntime as ort
-        from transformers import AutoConfig
-
-        from compress.models import load_tokenizer
-
-        directory = Path(directory)
-        manifest = read_manifest(directory)
-        self.path = directory / (onnx_file or manifest.get("onnx_file") or _find_onnx_file(directory))
-        if not self.path.is_file():
-            raise UserError(f"The ONNX file '{self.path}' that the artifact names is missing. "
-                            "Re-run the stage that wrote the artifact.")
-        self.session_config = dict(manifest.get("ort_session_config") or {}) if session_config is None else session_config
-        options = session_options(threads, self.session_config)
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UserError("--device cuda needs the onnxruntime-gpu package; this onnxruntime has only "
-                                f"{', '.join(ort.get_available_providers())}. Install onnxruntime-gpu or use --device cpu.")
-            # TF32 matmuls would add ~1e-3 relative error to an fp32 graph and fail the parity gate.
-            providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            raise UserError(f"ONNX Runtime could not start CUDA for '{self.path}' (it fell back to "
-                            f"{self.session.get_providers()}). Check the CUDA and cuDNN libraries onnxruntime-gpu needs.")
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output = "logits" if "logits" in outputs else outputs[0]
-        self.device = device
-        self.tokenizer = load_tokenizer(directory)
-        self.config = AutoConfig.from_pretrained(str(directory))
-
-    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        # Graphs declare only the inputs the model uses: DistilBERT-like exports have no token_type_ids.
-        feeds = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in batch.items() if k in self.inputs}
-        if "token_type_ids" in self.inputs and "token_type_ids" not in feeds:
-            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        return self.session.run([self.output], feeds)[0].astype(np.float32, copy=False)
-
-
-def _find_onnx_file(directory: Path) -> str:
-    if (directory / ONNX_FILE).is_file():
-        return ONNX_FILE
-    found = sorted(p.name for p in directory.glob("*.onnx"))
-    if len(found) != 1:
-        raise UserError(f"'{directory}' holds {len(found)} .onnx files ({', '.join(found) or 'none'}) and no manifest "
-                        "naming one. Keep one model.onnx there, or add a manifest.json with an 'onnx_file' key.")
-    return found[0]
 
 
 # --------------------------------------------------------------------------- parity gate
@@ -344,6 +281,7 @@ def _save(onnx_model, path: Path) -> None:
     onnx_model.save_model_to_file(str(path), use_external_data_format=False)
 
 
+@inherits_data("model")
 def export(cfg: ExportConfig) -> Path:
     """Export `cfg.model` to ONNX at `cfg.out`, optimise the graph, and gate every step on parity.
 
@@ -370,7 +308,8 @@ def export(cfg: ExportConfig) -> Path:
     if fmt != "pytorch" or manifest.get("dtype") in ("bf16", "fp16"):
         raise UserError(f"'{cfg.model}' is a {manifest.get('dtype') or fmt} artifact; export takes an fp32 PyTorch "
                         "classifier (the output of train or distill). Export the artifact it was made from.")
-    torch_runner = TorchRunner(Path(cfg.model), device=device, threads=cfg.threads)
+    torch_runner = TorchRunner(Path(cfg.model), device=device, threads=cfg.threads,
+                               trust_remote_code=cfg.trust_remote_code)
     model, tokenizer, config = torch_runner.model, torch_runner.tokenizer, torch_runner.config
     check_architecture(model)
     level = resolve_optimize(cfg.optimize, config.model_type)
@@ -397,21 +336,22 @@ def export(cfg: ExportConfig) -> Path:
         session_config = {} if fuse_skip else {DISABLE_OPTIMIZERS: SKIP_LAYER_NORM_FUSION}
         if cfg.flush_denormals and device == "cpu":
             session_config[DENORMAL_AS_ZERO] = "1"
-        runner = OrtRunner(tmp, device, cfg.threads, ONNX_FILE, session_config)
-        parity = {"exported": check_parity(runner, cases, cfg.atol, "exported")}
+
+        def graph_runner():  # a fresh session on the graph as it is on disk now
+            return OrtRunner(tmp, device, cfg.threads, ONNX_FILE, session_config, trust_remote_code=cfg.trust_remote_code)
+
+        parity = {"exported": check_parity(graph_runner(), cases, cfg.atol, "exported")}
         exported = onnx.load(str(path))
         opset = next(o.version for o in exported.opset_import if o.domain in ("", "ai.onnx"))
         counts = {"before": operator_counts(exported)}
         if level != "none":
             _save(optimize_graph(path, level, config, use_gpu=device == "cuda", fuse_skip_layer_norm=fuse_skip), path)
-            parity["optimized"] = check_parity(OrtRunner(tmp, device, cfg.threads, ONNX_FILE, session_config), cases,
-                                               cfg.atol, f"{level}-optimized")
+            parity["optimized"] = check_parity(graph_runner(), cases, cfg.atol, f"{level}-optimized")
         final = onnx.load(str(path))
         counts["after"] = operator_counts(final)
         if cfg.dtype == "fp16":
             _save(convert_to_fp16(final), path)
-            parity["fp16"] = check_parity(OrtRunner(tmp, device, cfg.threads, ONNX_FILE, session_config), cases,
-                                          cfg.fp16_atol, "fp16")
+            parity["fp16"] = check_parity(graph_runner(), cases, cfg.fp16_atol, "fp16")
         # Contrib operators (com.microsoft) mark a fused graph; ORT quantization then needs
         # extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}.
         fused = any(n.domain == "com.microsoft" for n in final.graph.node)

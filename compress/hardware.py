@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from typing import Literal
 
 from compress.errors import UserError
 
@@ -65,9 +64,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here. Use --device cpu or auto.")
     return device
-
-
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -24,35 +24,35 @@ import numpy as np
 from pydantic import Field
 
 from compress import distributed as dist
-from compress.data import DataConfig, EncodedSplit, bucketed_batches, collate
+from compress.config import RuntimeConfig
+from compress.data import DataConfig, bucketed_batches
 from compress.errors import UserError
 from compress.hardware import autocast, resolve_device, resolve_precision
 
 LossFn = Callable[[Any, dict], tuple[Any, dict[str, float]]]
+EvalFn = Callable[..., dict[str, float]]  # (model, device=, precision=) -> {metric: value}
 
 
-class LoopConfig(DataConfig):
-    """Optimisation settings shared by train and distill."""
+class LoopConfig(RuntimeConfig, DataConfig):
+    """Optimisation settings shared by train and distill (plus the runtime group and the data)."""
 
     epochs: int = Field(3, ge=1, description="passes over the training split")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
     batch_size: int = Field(32, ge=1, description="examples per optimizer step across all processes, before accumulation")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
-    eval_batch_size: int = Field(128, ge=1, description="examples per evaluation batch")
     lr: float = Field(5e-5, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and LayerNorm)")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps spent warming up the learning rate")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay after warm-up")
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0 = off)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 on CUDA and on AMX CPUs, else fp32")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
-    threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores)")
     seed: int = Field(0, description="seed for initialisation, shuffling and dropout")
     eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0 = at the end of each epoch)")
     patience: int = Field(0, ge=0, description="stop after this many evaluations without improvement (0 = never)")
     checkpoint_every: int = Field(100, ge=0, description="save a resumable checkpoint every N optimizer steps (0 = each epoch)")
     resume: bool = Field(False, description="continue an interrupted run from its last checkpoint")
     progress: bool = Field(True, description="show a progress bar")
+    compile: bool = Field(False, description="run the training forward and backward through torch.compile (fastest with fixed shapes, e.g. causal-LM blocks; the first steps pay the compilation)")
 
 
 @dataclass
@@ -61,43 +61,8 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds_per_epoch: float = 0.0
     train_samples_per_s: float = 0.0
+    train_tokens_per_s: float = 0.0
     steps: int = 0
-
-
-def predict_logits(model, split: EncodedSplit, pad_id: int, *, batch_size: int = 128, device: str = "cpu",
-                   precision: str = "fp32", shard: bool = False) -> np.ndarray:
-    """Logits for every example of `split`, in the split's order.
-
-    With `shard` under DDP each rank scores a slice and the slices are gathered.
-    """
-    import torch
-
-    batches = bucketed_batches(split.lengths, batch_size, shuffle=False)
-    if shard and dist.world_size() > 1:
-        batches = batches[dist.rank()::dist.world_size()]
-    raw = model.module if hasattr(model, "module") else model
-    was_training = raw.training
-    raw.eval()
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    with torch.inference_mode(), autocast(device.split(":")[0], precision):
-        for idx in batches:
-            b = collate(split, idx, pad_id)
-            inputs = {k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            parts.append((idx, raw(**inputs).logits.float().cpu().numpy()))
-    raw.train(was_training)
-    if shard and dist.world_size() > 1:
-        parts = [p for chunk in dist.all_gather_objects(parts) for p in chunk]
-    num = parts[0][1].shape[-1]
-    out = np.zeros((len(split), num), dtype=np.float32)
-    for idx, logits in parts:
-        out[idx] = logits
-    return out
-
-
-def default_loss(model, batch: dict) -> tuple[Any, dict[str, float]]:
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-    loss = model(**inputs).loss
-    return loss, {}
 
 
 def _param_groups(modules: list, weight_decay: float) -> list[dict]:
@@ -171,26 +136,26 @@ def prepare_work_dir(work: Path, resume: bool, force: bool) -> None:
     dist.barrier()
 
 
-def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: LoopConfig, work: Path,
-        loss_fn: LossFn = default_loss, extra=None, num_labels: int, metric: str = "accuracy") -> FitResult:
+def fit(model, *, train, cfg: LoopConfig, work: Path, loss_fn: LossFn, evaluate: EvalFn, metric: str,
+        higher_is_better: bool, extra=None) -> FitResult:
     """Train `model` (and the trainable `extra` modules) in place; load the best weights at the end.
 
     Args:
         model: the model to train; the one whose best weights are kept.
-        train, val: tokenised splits.
+        train: the tokenised training split: `lengths` (real tokens per example), `len()` and
+            `collate(idx)` -> a batch of tensors. Any task's split has them.
         cfg: optimisation settings.
         work: run directory for checkpoints and the JSONL log (`<out>.work`).
-        loss_fn: (model, batch) -> (loss, {name: value}); distillation passes its own.
+        loss_fn: (model, batch) -> (loss, {name: value}); the task's loss, or distillation's.
+        evaluate: (model, device=, precision=) -> {metric: value} on the validation split.
+        metric, higher_is_better: the validation metric that selects the best weights, and its direction.
         extra: an nn.Module of additional trainable parameters (e.g. projections).
-        metric: validation metric that selects the best weights (higher is better).
     Returns:
         FitResult with the best validation metrics, the evaluation history and speed figures.
     """
     import torch
     from safetensors.torch import load_model, save_model
     from transformers import get_scheduler
-
-    from compress.metrics import classification_metrics
 
     device = dist.setup(resolve_device(cfg.device))
     precision = resolve_precision(cfg.precision, device.split(":")[0])
@@ -208,6 +173,10 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_model = DistributedDataParallel(model, device_ids=[int(device.split(":")[1])] if ":" in device else None)
+    if cfg.compile:
+        # Only the training step is compiled; evaluation and checkpoints use `model`, whose
+        # parameters the compiled module shares.
+        ddp_model = torch.compile(ddp_model)
 
     modules = [model] + ([extra] if extra is not None else [])
     groups = _param_groups(modules, cfg.weight_decay)
@@ -227,8 +196,8 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     ckpt = _Checkpoint(work)
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": -math.inf, "best_metrics": {},
-             "bad_evals": 0, "history": [], "train_seconds": 0.0, "train_samples": 0}
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": None, "best_metrics": {},
+             "bad_evals": 0, "history": [], "train_seconds": 0.0, "train_samples": 0, "train_tokens": 0}
     if cfg.resume and ckpt.exists():
         state = ckpt.load(model, extra, optimizer, scheduler, scaler)
         if dist.is_main():
@@ -242,21 +211,21 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
 
     def evaluate_now() -> bool:
         """Evaluate, keep the best weights; return True when early stopping triggers."""
-        logits = predict_logits(model, val, pad_id, batch_size=cfg.eval_batch_size, device=device,
-                                precision=precision, shard=True)
-        metrics = classification_metrics(logits, val.labels, num_labels)
+        metrics = evaluate(model, device=device, precision=precision)
         record = {"step": state["step"], "epoch": state["epoch"] + state["batch_in_epoch"] / n_batches,
                   **{f"val_{k}": v for k, v in metrics.items()}}
         state["history"].append(record)
         log({"event": "eval", **record})
-        if metrics[metric] > state["best"]:
+        best = state["best"]
+        if best is None or math.isinf(best) or (metrics[metric] > best if higher_is_better else metrics[metric] < best):
             state.update(best=metrics[metric], best_metrics=metrics, bad_evals=0)
             if dist.is_main():
                 save_model(model, str(work / "best.safetensors"))
         else:
             state["bad_evals"] += 1
         if dist.is_main() and cfg.progress:
-            print(f"  step {state['step']}: val {metric} {metrics[metric]:.4f} (best {state['best']:.4f})")
+            print(f"  step {state['step']}: val {metric} {metrics[metric]:.4f} (best {state['best']:.4f}, "
+                  f"{'higher' if higher_is_better else 'lower'} is better)")
         return bool(cfg.patience and state["bad_evals"] >= cfg.patience)
 
     def save_checkpoint() -> None:
@@ -275,10 +244,10 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
             bar = tqdm(total=len(batches), initial=start_batch, desc=f"epoch {epoch + 1}/{epochs}",
                        disable=not (cfg.progress and dist.is_main()), unit="batch", dynamic_ncols=True,
                        mininterval=2.0)
-            t0, seen, running = time.perf_counter(), 0, []
+            t0, seen, tokens, running = time.perf_counter(), 0, 0, []
             for b in range(start_batch, len(batches)):
                 idx = batches[b][rank::world]
-                batch = {k: v.to(device) for k, v in collate(train, idx, pad_id).items()}
+                batch = {k: v.to(device) for k, v in train.collate(idx).items()}
                 batch["index"] = torch.from_numpy(idx)
                 micro = (b % cfg.grad_accum) != cfg.grad_accum - 1 and b != len(batches) - 1
                 sync = ddp_model.no_sync() if (world > 1 and micro) else contextlib.nullcontext()
@@ -289,6 +258,7 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 running.append(float(loss.detach()))
                 seen += len(idx) * world
+                tokens += int(train.lengths[idx].sum()) * world
                 state["batch_in_epoch"] = b + 1
                 bar.update(1)
                 if micro:
@@ -307,12 +277,13 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
                 state["step"] += 1
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", samples_s=f"{seen / max(elapsed, 1e-9):.0f}",
-                                refresh=False)
+                                tokens_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
                 if state["step"] % 10 == 0:
                     # The mean over ranks is the loss of the global batch (a collective: every rank logs).
                     log({"event": "train", "step": state["step"], "epoch": epoch + (b + 1) / len(batches),
                          "loss": dist.mean(float(np.mean(running[-10 * cfg.grad_accum:]))), "lr": scheduler.get_last_lr()[0],
-                         "samples_per_s": seen / max(elapsed, 1e-9), **parts})
+                         "samples_per_s": seen / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9),
+                         **parts})
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                     stop = evaluate_now()
                 if state["step"] >= total_steps or stop:
@@ -320,7 +291,8 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
                 if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                     state["train_seconds"] += time.perf_counter() - t0
                     state["train_samples"] += seen
-                    t0, seen = time.perf_counter(), 0
+                    state["train_tokens"] = state.get("train_tokens", 0) + tokens
+                    t0, seen, tokens = time.perf_counter(), 0, 0
                     save_checkpoint()
             bar.close()
             if running:
@@ -328,6 +300,7 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
                      "loss": dist.mean(float(np.mean(running)))})
             state["train_seconds"] += time.perf_counter() - t0
             state["train_samples"] += seen
+            state["train_tokens"] = state.get("train_tokens", 0) + tokens
             finished_epoch = state["batch_in_epoch"] >= len(batches)
             if finished_epoch:
                 state["epoch"] += 1
@@ -353,5 +326,6 @@ def fit(model, *, train: EncodedSplit, val: EncodedSplit, pad_id: int, cfg: Loop
     return FitResult(best_metrics=state["best_metrics"], history=state["history"],
                      seconds_per_epoch=state["train_seconds"] / epochs_done,
                      train_samples_per_s=state["train_samples"] / max(state["train_seconds"], 1e-9),
+                     train_tokens_per_s=state.get("train_tokens", 0) / max(state["train_seconds"], 1e-9),
                      steps=state["step"])
 

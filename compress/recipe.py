@@ -25,17 +25,19 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from compress.artifacts import MANIFEST, atomic_write, check_dir, fingerprint, make_dir, work_dir
-from compress.config import StageConfig, _literal_choices, to_argv
+from compress.config import StageConfig, _literal_choices, describe_validation_error, to_argv
+from compress.data import DataConfig
 from compress.errors import UserError
 
 STAGE_TYPES = ("train", "distill", "export", "quantize", "eval", "bench")
 TOP_LEVEL = {"output_dir": "directory that holds every stage's output",
              "seed": "seed given to every stage that takes one",
              "device": "device given to every stage that takes one",
+             "data": "the data every stage that reads data takes (dataset, text_column, label_column, max_length, "
+                     "...: the DataConfig keys); a stage's own keys override it",
              "description": "what the recipe does (free text)",
              "expected": "the results the recipe is expected to reach (documentation)",
              "stages": "the stages, in order"}
-STAGE_KEYS = {"type", "launcher", "nproc"}  # recipe-level keys of a stage, not config fields
 REF = re.compile(r"\$\{([A-Za-z_][\w-]*)\}")
 NOT_HASHED = {"force", "resume", "progress", "out"}  # keys that do not change what a stage makes
 
@@ -71,6 +73,9 @@ class Stage:
     launcher: str = "python"
     nproc: int = 1
     hash: str = ""
+    data: dict[str, Any] | None = None  # the DataConfig values the stage will read (None: it reads no data)
+    data_from: str = ""  # where they come from: the stage, the data block, an input's manifest, the defaults
+    data_warnings: list[str] = field(default_factory=list)
 
     @property
     def out(self) -> Path:
@@ -153,14 +158,80 @@ def config_class(stage_type: str) -> type[StageConfig]:
     return getattr(importlib.import_module(module), cls)
 
 
+def stage_function(stage_type: str):
+    """The function of a stage type: the same one the CLI calls (imported on demand)."""
+    import importlib
+
+    from compress.cli import COMMANDS
+
+    module, _, fn, _ = COMMANDS[stage_type]
+    return getattr(importlib.import_module(module), fn)
+
+
+def _data_block(doc: dict, where) -> dict[str, Any]:
+    """The top-level `data:` block, checked: a mapping of DataConfig keys."""
+    block = doc.get("data")
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise UserError(f"{where('data')}: 'data' must be a mapping of data keys ({', '.join(DataConfig.model_fields)}).")
+    for key in block:
+        if key not in DataConfig.model_fields:
+            raise UserError(f"{where('data', key)}: unknown key 'data.{key}' (allowed keys: "
+                            f"{', '.join(DataConfig.model_fields)}).")
+    try:
+        DataConfig.model_validate(block)
+    except ValidationError as err:
+        raise UserError(f"{where('data')}: {describe_validation_error(DataConfig, err, 'data')}") from None
+    return dict(block)
+
+
+def _stage_data(stage: Stage, done: dict[str, Stage]) -> None:
+    """Which data `stage` will read, and from where: its own keys or the data block, else
+    (at run time) the data recorded by its input artifact (`compress.lineage`)."""
+    from compress.lineage import differs, input_artifacts, recorded_data
+
+    cfg, fields = stage.config, DataConfig.model_fields
+    inputs = []  # (name, data) of the input artifacts: earlier stages by their plan, others by their manifest
+    for path in input_artifacts(stage_function(stage.type), cfg):
+        parent = next((s for s in done.values() if str(s.out) == path), None)
+        data = parent.data if parent is not None else recorded_data(path)
+        if data is not None:
+            inputs.append((parent.name if parent is not None else path, data))
+    if "dataset" in cfg.model_fields_set:
+        stage.data = {k: getattr(cfg, k) for k in fields}
+        stage.data_from = "stage" if "dataset" in stage.raw else "data block"
+        stage.data_warnings = [f"its input {name} was made from another dataset: {_describe_data(data)}"
+                               for name, data in inputs if differs(stage.data, data)]
+    elif inputs:
+        name, data = inputs[0]
+        stage.data = {**data, **{k: getattr(cfg, k) for k in cfg.model_fields_set & set(fields)}}
+        stage.data_from = f"recorded by {name}"
+    else:
+        stage.data = {k: getattr(cfg, k) for k in fields}
+        stage.data_from = "default"
+
+
+def _describe_data(data: dict[str, Any]) -> str:
+    from compress.lineage import describe
+
+    return describe(data)
+
+
 def _apply_overrides(doc: dict, overrides: list[str], path: Path) -> None:
     for item in overrides:
         key, eq, value = item.partition("=")
         parts = key.split(".")
         if not eq or len(parts) != 2:
-            raise UserError(f"--set '{item}': use stage.key=value, e.g. --set student.epochs=5.")
+            raise UserError(f"--set '{item}': use stage.key=value, e.g. --set student.epochs=5, or data.key=value.")
         stage, k = parts
         stages = doc.get("stages") or {}
+        if stage == "data" and "data" not in stages:  # the top-level data block
+            _line_map(value, Path(f"--set '{item}'"))
+            if not isinstance(doc.get("data"), dict):
+                doc["data"] = {}
+            doc["data"][k] = yaml.safe_load(value)
+            continue
         if stage not in stages:
             raise UserError(f"--set '{item}': {path} has no stage '{stage}' (stages: {', '.join(stages)}).")
         _line_map(value, Path(f"--set '{item}'"))  # the recipe file's checks: valid YAML, no tags
@@ -196,6 +267,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     if not isinstance(stages_doc, dict) or not stages_doc:
         raise UserError(f"{where('stages')}: 'stages' must be a mapping of stage names to stages, in order.")
     _apply_overrides(doc, list(overrides), path)
+    data_block = _data_block(doc, where)
     output_dir = Path(doc.get("output_dir") or Path("runs") / path.stem)
     recipe = Recipe(path=path, output_dir=output_dir)
     done: dict[str, Stage] = {}
@@ -239,12 +311,17 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
         for top in ("seed", "device"):
             if top in doc and top in cls.model_fields and top not in values:
                 values[top] = doc[top]
+        takes_data = issubclass(cls, DataConfig)
+        if takes_data:
+            values.update({k: v for k, v in data_block.items() if k not in values})
         values["out"] = str(output_dir / name) + (".json" if stype == "eval" else "")
         try:
             cfg = cls.model_validate(values)
         except ValidationError as err:
             raise UserError(_describe(err, cls, name, where)) from None
         stage = Stage(name, stype, cfg, body, refs, launcher, nproc)
+        if takes_data:
+            _stage_data(stage, done)
         hashed = {k: v for k, v in cfg.model_dump().items() if k not in NOT_HASHED}
         stage.hash = fingerprint(stype, hashed, [done[r].hash for r in refs])
         done[name] = stage
@@ -337,6 +414,13 @@ def _run_stage(stage: Stage, action: str) -> None:
     getattr(importlib.import_module(module), fn)(cfg)
 
 
+def _print_data(stage: Stage) -> None:
+    if stage.data is not None:
+        print(f"  {'':<12} data {_describe_data(stage.data)} ({stage.data_from})")
+    for warning in stage.data_warnings:
+        print(f"  {'':<12} warning: {stage.name} reads {_describe_data(stage.data)}, but {warning}")
+
+
 def run(cfg: RunConfig) -> Recipe:
     """Run every stage of the recipe that is not already finished with the same inputs."""
     recipe = load_recipe(cfg.recipe, cfg.set)
@@ -345,6 +429,7 @@ def run(cfg: RunConfig) -> Recipe:
     print(f"recipe {recipe.path} -> {recipe.output_dir}")
     for stage, action in steps:
         print(f"  {stage.name:<12} {stage.type:<9} {action:<7} -> {stage.out}")
+        _print_data(stage)
     if cfg.dry_run:
         return recipe
     make_dir(recipe.output_dir)
@@ -368,5 +453,6 @@ def validate(cfg: ValidateConfig) -> Recipe:
     recipe = load_recipe(cfg.recipe, cfg.set)
     for s in recipe.stages:
         print(f"  {s.name:<12} {s.type:<9} -> {s.out}")
+        _print_data(s)
     print(f"{recipe.path}: valid ({len(recipe.stages)} stages)")
     return recipe

@@ -10,19 +10,18 @@ from pydantic import Field
 from compress import distributed as dist
 from compress import artifacts
 from compress.artifacts import atomic_output, work_dir, write_manifest
-from compress.data import encode, load_data
-from compress.loop import LoopConfig, fit, predict_logits, prepare_work_dir
-from compress.metrics import classification_metrics
-from compress.models import build_classifier, resolve_model
+from compress.curves import loss_curve_svg
+from compress.lineage import inherits_data
+from compress.loop import LoopConfig, fit, prepare_work_dir
+from compress.models import resolve_model
+from compress.tasks.registry import task_for_source
 
 
 class TrainConfig(LoopConfig):
-    """Fine-tune or train a sequence classifier."""
+    """Fine-tune or train a sequence classifier or a causal language model."""
 
-    model: str = Field(..., description="local HF directory, built-in name (minilm-l6), hub id, or size spec like bert:layers=4,hidden=256,heads=4,ff=1024")
+    model: str = Field(..., description="local HF directory, built-in name (minilm-l6), hub id, or size spec like bert:layers=4,hidden=256,heads=4,ff=1024 (classifier), gpt2:layers=4,hidden=256,heads=4 or llama:layers=4,hidden=256,heads=4,kv_heads=2 (causal LM)")
     out: str = Field(..., description="output artifact directory")
-    force: bool = Field(False, description="replace an existing output directory")
-    trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (only for sources you trust)")
 
 
 def check_output(out: Path, force: bool) -> Path:
@@ -50,8 +49,9 @@ def save_artifact(model, tokenizer, out: Path, work: Path, *, force: bool, stage
     dist.barrier()
 
 
+@inherits_data("model")
 def train(cfg: TrainConfig) -> Path:
-    """Train a classifier on `cfg.dataset` and write it to `cfg.out`.
+    """Train the model `cfg.model` names on `cfg.dataset` for its task and write it to `cfg.out`.
 
     Returns:
         The artifact directory: save_pretrained layout plus manifest.json with validation
@@ -64,30 +64,33 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     work = check_output(out, cfg.force)
     dist.setup(resolve_device(cfg.device))  # before any rank touches the work directory
-    data = load_data(cfg)
     source = resolve_model(cfg.model)
+    task = task_for_source(cfg.task, source)
+    data = task.load_data(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = build_classifier(source, label_names=data.label_names,
-                                        train_texts=list(data["train"]["text"]) if source.kind == "spec" else None,
-                                        trust_remote_code=cfg.trust_remote_code)
-    enc = encode(data, tokenizer, cfg.max_length)
+    model, tokenizer = task.build_model(source, data, cfg)
+    enc = task.encode(data, tokenizer, cfg)
     prepare_work_dir(work, cfg.resume, cfg.force)
-    result = fit(model, train=enc["train"], val=enc["validation"], pad_id=tokenizer.pad_token_id, cfg=cfg,
-                 work=work, num_labels=data.num_labels)
+    result = fit(model, train=enc["train"], cfg=cfg, work=work, loss_fn=task.loss,
+                 evaluate=task.validator(enc["validation"], cfg.eval_batch_size),
+                 metric=task.primary_metric, higher_is_better=task.higher_is_better)
     device = next(model.parameters()).device.type
-    test_logits = predict_logits(model, enc["test"], tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
-                                 device=device, precision="fp32", shard=True)
     metrics = {"validation": result.best_metrics,
-               "test": classification_metrics(test_logits, enc["test"].labels, data.num_labels),
+               "test": task.evaluate(model, enc["test"], batch_size=cfg.eval_batch_size, device=device,
+                                     precision="fp32", shard=True),
                "seconds_per_epoch": round(result.seconds_per_epoch, 2),
-               "train_samples_per_s": round(result.train_samples_per_s, 1), "steps": result.steps}
+               "train_samples_per_s": round(result.train_samples_per_s, 1),
+               "train_tokens_per_s": round(result.train_tokens_per_s, 1), "steps": result.steps}
     model.to("cpu")
-    save_artifact(model, tokenizer, out, work, force=cfg.force, stage="train",
+    files = {}
+    if dist.is_main() and (work / "log.jsonl").is_file():
+        files["loss.svg"] = loss_curve_svg(work / "log.jsonl", title=f"{task.name}: {cfg.model}")
+    save_artifact(model, tokenizer, out, work, force=cfg.force, stage="train", task=task.name,
                   config=cfg.model_dump(), parent=source.value if source.kind != "spec" else None,
                   metrics=metrics, data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts},
-                  history=result.history)
+                  history=result.history, files=files)
     if dist.is_main():
-        t = metrics["test"]
-        print(f"test accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  "
-              f"({metrics['seconds_per_epoch']:.1f} s/epoch, {metrics['train_samples_per_s']:.0f} samples/s) -> {out}")
+        speed = (f"{metrics['train_tokens_per_s']:.0f} tokens/s" if task.name == "causal-lm"
+                 else f"{metrics['train_samples_per_s']:.0f} samples/s")
+        print(f"test {task.summary(metrics['test'])}  ({metrics['seconds_per_epoch']:.1f} s/epoch, {speed}) -> {out}")
     return out

@@ -177,9 +177,8 @@ def test_baseline_ratios(two_artifact_run):
 
 def test_runners_through_generic_interface(tiny_teacher, tmp_path):
     """Every backend that can be built here is measured by the same code."""
-    from compress.runners import RUNNERS, _load_plugins
+    from compress.runners import RUNNERS
 
-    _load_plugins()
     arts = [f"pt={tiny_teacher}"]
     if "onnx" in RUNNERS:
         from compress.export import ExportConfig, export

@@ -255,7 +255,7 @@ def test_bad_input_exits_2_without_output(case, tiny_teacher, tiny_csv_dir, tmp_
 
 
 def test_prune_ffn_removes_exactly_the_units_it_drops():
-    from compress.prune_ffn import prune_ffn
+    from compress.distill.prune_ffn import prune_ffn
 
     model = random_classifier()  # 4 layers, hidden 64, feed-forward 128
     dead = {}
@@ -295,7 +295,7 @@ def test_distill_with_prune_ffn_saves_a_narrower_student_that_exports(tiny_teach
 
 
 def test_prune_ffn_ranks_units_by_what_they_do_on_data():
-    from compress.prune_ffn import prune_ffn
+    from compress.distill.prune_ffn import prune_ffn
 
     def model_with_silent_units():
         model = random_classifier()  # 4 layers, hidden 64, feed-forward 128
@@ -331,7 +331,7 @@ def test_too_wide_prune_ffn_exits_2_and_leaves_nothing(tiny_teacher, tmp_path, c
 def test_prune_heads_removes_exactly_the_heads_it_drops(tmp_path):
     from transformers import BertForSequenceClassification
 
-    from compress.prune_heads import prune_heads
+    from compress.distill.prune_heads import prune_heads
 
     model = random_classifier()  # 4 layers, hidden 64, 4 heads of 16
     dead = {i: [i % 4] for i in range(4)}  # a different head per layer
@@ -357,7 +357,7 @@ def test_prune_heads_removes_exactly_the_heads_it_drops(tmp_path):
 
 
 def test_prune_heads_ranks_heads_by_their_output_on_data():
-    from compress.prune_heads import prune_heads
+    from compress.distill.prune_heads import prune_heads
 
     def model_with_a_bias_only_head():
         model = random_classifier()

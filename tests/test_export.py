@@ -12,10 +12,11 @@ import pytest
 
 from compress.cli import main
 from compress.errors import GateFailed
-from compress.export import (ExportConfig, OrtRunner, check_parity, convert_to_fp16, export, parity_cases)
+from compress.export import ExportConfig, check_parity, convert_to_fp16, export, parity_cases
 from compress.ort_settings import (DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, choose_skip_layer_norm,
                                    session_options)
 from compress.runners import load_runner
+from compress.runners.ort import OrtRunner
 
 # Small slices keep each export to a few seconds; the gate still sees every batch shape. One
 # thread: tiny models gain nothing from more, and OpenMP threads stall on a busy machine.
@@ -218,7 +219,7 @@ def test_architecture_optimum_lacks_falls_back_to_torch_export(tiny_teacher, tmp
 def test_pruned_vocabulary_exports(tiny_teacher, tmp_path):
     from compress.data import DataConfig, load_data
     from compress.models import load_classifier
-    from compress.prune_vocab import prune_vocab
+    from compress.distill.prune_vocab import prune_vocab
 
     model, tokenizer = load_classifier(tiny_teacher)
     texts = list(load_data(DataConfig(max_examples=60))["train"]["text"])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from compress.prune_vocab import choose_tokens, count_tokens, prune_vocab, unk_share
+from compress.distill.prune_vocab import choose_tokens, count_tokens, prune_vocab, unk_share
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -84,7 +84,7 @@ def test_bert_tokenizer_files_stay_consistent(tmp_path):
     from transformers import AutoTokenizer, BertTokenizer
 
     from compress.models import builtin_model_dir
-    from compress.prune_vocab import prune_tokenizer
+    from compress.distill.prune_vocab import prune_tokenizer
 
     tok = AutoTokenizer.from_pretrained(str(builtin_model_dir("minilm-l6")))
     texts = ["a gripping, beautifully acted film", "dull and far too long"]

@@ -9,7 +9,8 @@ from compress.artifacts import read_manifest, weights_size
 from compress.cli import main
 from compress.quantize import QuantizeConfig, quantize
 
-SMALL = dict(max_examples=100, calib_samples=32, threads=2)
+SMALL = dict(max_examples=100, threads=2)
+CALIB = dict(calib_samples=32)  # a setting of ort-static-int8 only (also taken by auto, which tries it)
 
 
 def run(model, out, method, **kw):
@@ -87,7 +88,8 @@ def test_ort_dynamic_int8_on_unfused_graph_quantizes_gathers(onnx_plain, tmp_pat
 def static_int8(onnx_plain, tmp_path_factory):
     """The tiny export quantized with each calibration method."""
     root = tmp_path_factory.mktemp("static")
-    return {c: run(onnx_plain, root / c, "ort-static-int8", calib_method=c) for c in ("minmax", "entropy", "percentile")}
+    return {c: run(onnx_plain, root / c, "ort-static-int8", calib_method=c, **CALIB)
+            for c in ("minmax", "entropy", "percentile")}
 
 
 @pytest.mark.parametrize("calib", ["minmax", "entropy", "percentile"])
@@ -152,7 +154,7 @@ def test_bf16_cast(tiny_teacher, tmp_path):
 
 
 def test_auto_keeps_the_fastest_that_meets_the_tolerance(onnx_plain, tmp_path):
-    out = run(onnx_plain, tmp_path / "q", "auto", max_drop="100")
+    out = run(onnx_plain, tmp_path / "q", "auto", max_drop="100", **CALIB)
     m = read_manifest(out)
     rows = [r for r in m["tuning"]["auto"] if r["method"] != "fp32"]
     assert {r["method"] for r in rows} == {"ort-dynamic-int8", "ort-static-int8"}  # ONNX input: ORT methods only

@@ -17,45 +17,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, field_validator
-
+from compress.bench.config import BenchConfig
 from compress.bench.schema import SCHEMA_VERSION  # noqa: F401  (re-exported: the version bench writes)
-from compress.data import DataConfig
 from compress.errors import UserError
-
-
-class BenchConfig(DataConfig):
-    """Benchmark artifacts on one dataset split and a grid of (batch size, sequence length)."""
-
-    positional = ("artifacts",)
-
-    artifacts: list[str] = Field(..., min_length=1, description="artifact directories to measure; name=path sets the display name")
-    out: str = Field(..., description="output directory for results.json, report.md and report.html")
-    baseline: str | None = Field(None, description="artifact (name or path) every figure is compared with; added to the list if absent")
-    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where to run the artifacts")
-    batch_sizes: list[int] = Field([1, 32], description="batch sizes to time, comma-separated")
-    seq_lens: list[int] = Field([32, 128], description="sequence lengths to time (real texts padded/truncated to exactly this)")
-    threads: int | None = Field(None, ge=1, description="intra-op threads for torch and ONNX Runtime (default: all logical cores)")
-    split: Literal["test", "validation"] = Field("test", description="split that accuracy is measured on and texts are taken from")
-    eval_batch_size: int = Field(64, ge=1, description="batch size for the accuracy pass")
-    warmup: int = Field(3, ge=0, description="untimed calls before each latency point")
-    budget_s: float = Field(3.0, gt=0, description="seconds of timed calls per latency point at most")
-    min_iters: int = Field(10, ge=3, description="fewest timed calls per point before it may stop early")
-    target_ci: float = Field(0.02, gt=0, lt=1, description="stop a point once the 95 percent interval of its median is within +/- this fraction")
-    interleave: bool = Field(True, description="time all artifacts together, one call of each per round, so a machine whose load drifts slows them all alike and their ratios hold")
-    isolate: bool = Field(True, description="measure each artifact in a fresh process (honest per-artifact peak memory; ~5 s start-up each)")
-    peak_probe: bool = Field(True, description="measure fp32/bf16/int8 matmul peaks first (~1-2 s) for the roofline ratios")
-    progress: bool = Field(True, description="print one line per artifact to stderr")
-    force: bool = Field(False, description="replace --out if it exists")
-
-    @field_validator("batch_sizes", "seq_lens")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(x < 1 for x in v):
-            raise ValueError("needs one or more positive integers, e.g. 1,32")
-        return list(dict.fromkeys(v))  # keep order, drop repeats
+from compress.lineage import inherits_data
 
 
 def parse_artifacts(specs: list[str], baseline: str | None) -> tuple[list[tuple[str, Path]], str | None]:
@@ -125,6 +91,13 @@ def _say(cfg: BenchConfig, msg: str) -> None:
         print(f"compress bench: {msg}", file=sys.stderr, flush=True)
 
 
+def _input_paths(cfg: BenchConfig) -> list[str]:
+    """The artifacts' directories, the baseline first (whose data a bench given none reads)."""
+    specs = ([cfg.baseline] if cfg.baseline else []) + list(cfg.artifacts)
+    return [s.partition("=")[2] if "=" in s and not Path(s).exists() else s for s in specs]
+
+
+@inherits_data(_input_paths)
 def bench(cfg: BenchConfig) -> dict:
     """Measure every artifact of `cfg`; write results.json, report.md and report.html to cfg.out.
 

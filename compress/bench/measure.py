@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from compress.anatomy import MODEL_INPUTS
+
 Timer = Callable[[Callable[[], object]], float]
 # Below 6 samples even the min-max range covers the median with less than 95% probability
 # (1 - 2 * 0.5**n), so no interval from fewer calls can claim 95%.
@@ -192,8 +194,7 @@ def make_batch(tokenizer, texts: Sequence[str] | Sequence[tuple[str, str]], batc
     else:
         args = (list(chosen),)
     enc = tokenizer(*args, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
-    batch = {k: np.ascontiguousarray(enc[k], dtype=np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")
-             if k in enc}
+    batch = {k: np.ascontiguousarray(enc[k], dtype=np.int64) for k in MODEL_INPUTS if k in enc}
     assert batch["input_ids"].shape == (batch_size, seq_len), batch["input_ids"].shape
     return batch
 

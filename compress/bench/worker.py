@@ -73,7 +73,7 @@ def measure_artifact(job: dict) -> dict:
     the bench config (a BenchConfig dump)."""
     import torch
 
-    from compress.bench import BenchConfig
+    from compress.bench.config import BenchConfig
     from compress.data import check_labels, encode, load_data
     from compress.metrics import classification_metrics
     from compress.runners import load_runner, score
@@ -103,7 +103,7 @@ def measure_artifact(job: dict) -> dict:
     peak_reset = reset_peak_rss()
     rss_before = rss_mb()
     t0 = time.perf_counter()
-    runner = load_runner(path, device=device, threads=threads)
+    runner = load_runner(path, device=device, threads=threads, trust_remote_code=cfg.trust_remote_code)
     load_s = time.perf_counter() - t0
 
     config = runner.config
@@ -183,7 +183,8 @@ def bench_latency_interleaved(artifacts: list[tuple[str, Path]], cfg, device: st
     if threads:
         torch.set_num_threads(threads)
     texts = _texts(load_data(cfg), cfg.split)
-    runners = {name: load_runner(path, device=device, threads=threads) for name, path in artifacts}
+    runners = {name: load_runner(path, device=device, threads=threads, trust_remote_code=cfg.trust_remote_code)
+               for name, path in artifacts}
     points: dict[str, list] = {name: [] for name in runners}
     for b in cfg.batch_sizes:
         for s in cfg.seq_lens:

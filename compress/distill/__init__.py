@@ -22,9 +22,12 @@ from compress.data import EncodedSplit, check_labels, encode, iterate, load_data
 from compress.distill.augment import augment_texts
 from compress.distill.losses import (LOSS_NAMES, DistillLoss, TeacherCache, disable_attention_dropout, layer_pairs,
                                      make_projections)
-from compress.distill.student import build_student, layer_list
+from compress.anatomy import layer_list
+from compress.distill.student import build_student
 from compress.errors import UserError
-from compress.loop import LoopConfig, default_loss, fit, predict_logits, prepare_work_dir
+from compress.lineage import inherits_data
+from compress.loop import LoopConfig, fit, prepare_work_dir
+from compress.tasks.classification import ClassificationTask, label_loss, predict_logits
 from compress.metrics import classification_metrics
 from compress.models import load_classifier
 from compress.train import check_output, save_artifact
@@ -55,8 +58,6 @@ class DistillConfig(LoopConfig):
     teacher_batch_size: int = Field(256, ge=1, description="examples per batch when caching the teacher's logits")
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     epochs: int = Field(3, ge=1, description="passes over the training split")
-    force: bool = Field(False, description="replace an existing output directory")
-    trust_remote_code: bool = Field(False, description="allow model code from the checkpoints (only for sources you trust)")
 
 
     @field_validator("losses")
@@ -124,6 +125,7 @@ def render_report(rows: list[dict], vocab: dict | None, settings: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@inherits_data("teacher")
 def distill(cfg: DistillConfig) -> Path:
     """Distil `cfg.teacher` into the student `cfg.student` on `cfg.dataset`; write it to `cfg.out`.
 
@@ -134,9 +136,9 @@ def distill(cfg: DistillConfig) -> Path:
     import torch
 
     from compress.hardware import resolve_device, resolve_precision
-    from compress.prune_ffn import prune_ffn
-    from compress.prune_heads import prune_heads
-    from compress.prune_vocab import prune_vocab, unk_share
+    from compress.distill.prune_ffn import prune_ffn
+    from compress.distill.prune_heads import prune_heads
+    from compress.distill.prune_vocab import prune_vocab, unk_share
 
     out = Path(cfg.out)
     work = check_output(out, cfg.force)
@@ -244,8 +246,8 @@ def distill(cfg: DistillConfig) -> Path:
                        teacher_ids=teacher_ids, hidden_cache=cache if cache_layers else None)
     if not loss.needs_teacher_forward:
         teacher.to("cpu")  # not needed again: free accelerator memory
-    result = fit(student.model, train=train, val=s_enc["validation"], pad_id=pad_id, cfg=cfg,
-                 work=work, loss_fn=loss, extra=projections, num_labels=data.num_labels)
+    result = fit(student.model, train=train, cfg=cfg, work=work, loss_fn=loss, extra=projections,
+                 **_selection(s_enc["validation"], cfg))
     train_calls = calls["n"] - cache_calls
 
     def test_metrics(model, enc, pad):
@@ -267,8 +269,8 @@ def distill(cfg: DistillConfig) -> Path:
         # With augmentation the student took (1 + augment) times the steps per epoch; the baseline gets
         # as many steps over the original split, so the comparison is not about training length.
         base_cfg = cfg.model_copy(update={"epochs": cfg.epochs * (1 + cfg.augment)})
-        baseline = fit(baseline_model, train=s_enc["train"], val=s_enc["validation"], pad_id=pad_id, cfg=base_cfg,
-                       work=work / "baseline", loss_fn=default_loss, num_labels=data.num_labels)
+        baseline = fit(baseline_model, train=s_enc["train"], cfg=base_cfg, work=work / "baseline", loss_fn=label_loss,
+                       **_selection(s_enc["validation"], cfg))
         rows.append({"name": "student (no KD)", **_row(test_metrics(baseline_model, s_enc, pad_id), baseline_model,
                                                        _saved_size(baseline_model.to("cpu")))})
     settings = (f"Teacher `{cfg.teacher}`, student `{cfg.student}` ({student.kind}, {n_student} layers"
@@ -313,7 +315,16 @@ def augmented_split(data, tokenizer, cfg: DistillConfig, label_map) -> EncodedSp
     if data.has_pair:  # only the first text is perturbed
         pairs = list(ds["text_pair"])
         columns["text_pair"] = pairs + [pairs[i] for i in source]
-    return EncodedSplit(tokenize(Dataset.from_dict(columns), tokenizer, cfg.max_length, data.has_pair, label_map))
+    split = EncodedSplit(tokenize(Dataset.from_dict(columns), tokenizer, cfg.max_length, data.has_pair, label_map))
+    split.pad_id = tokenizer.pad_token_id or 0
+    return split
+
+
+def _selection(val: EncodedSplit, cfg: DistillConfig) -> dict:
+    """fit's evaluation hook and the metric that keeps the best student."""
+    task = ClassificationTask()
+    return {"evaluate": task.validator(val, cfg.eval_batch_size), "metric": task.primary_metric,
+            "higher_is_better": task.higher_is_better}
 
 
 def _row(metrics: dict, model, size: int) -> dict:

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from compress.anatomy import MODEL_INPUTS
 from compress.errors import UserError
 
 LOSS_NAMES = ("logits", "hidden", "attention")
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 # --------------------------------------------------------------------------- layer mapping

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compress.anatomy import layer_list
 from compress.errors import UserError
 from compress.models import SPEC_ARCHS, builtin_model_dir, BUILTIN_MODELS, check_model_dir, load_tokenizer, parse_size_spec
 
@@ -25,21 +26,6 @@ class Student:
     tokenizer: Any
     kind: str  # "teacher-layers" | "spec" | "dir"
     layers: list[int] = field(default_factory=list)  # teacher layers copied (0-based), for "teacher-layers"
-
-
-def layer_list(model):
-    """(dotted name, nn.ModuleList) of the model's stack of Transformer layers."""
-    import torch.nn as nn
-
-    n = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and re.search(r"(^|\.)(layer|layers)$", name):
-            return name, module
-    raise UserError(
-        f"Cannot find the Transformer layers of this {type(model).__name__}: copying layers supports "
-        "BERT-like encoders (BERT, RoBERTa, MiniLM, DistilBERT, ...). Use a size spec or a model directory "
-        "as the student instead."
-    )
 
 
 def choose_layers(spec: str, n_teacher: int) -> list[int]:

@@ -1,49 +1,50 @@
 """`compress quantize`: int8 / 4-bit / bf16 versions of a classifier, optionally accuracy-aware.
 
-Each method is a small class registered under its CLI name (`@register_method`); adding a
-method means adding a module that registers one and importing it at the bottom of this
-file. A method writes its weights into a directory and says which layers it could leave
-in full precision; everything else (calibration data, evaluation before/after, the
-accuracy-aware fallback search, `--method auto`, the manifest) lives here and in
-`tune.py` and is shared by all methods.
+Each method is a small class with its own typed settings, in its own module, registered
+under its CLI name (`compress.quantize.registry`); adding a method means adding that
+module and importing it once below. A method writes its weights into a directory and says
+which layers it could leave in full precision; everything else (calibration data,
+evaluation before/after, the accuracy-aware fallback search, `--method auto`, the
+manifest) lives here and in `tune.py` and is shared by all methods.
+
+The methods' settings are also flat flags (`--calib-method`, `--per-channel`, ...), generated
+from the settings classes: a flag the chosen method does not take is an error that names
+the method and the settings it takes.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, create_model, field_validator
 
 from compress.artifacts import atomic_output, check_output, fingerprint, make_dir, read_manifest, weights_size, write_manifest
+from compress.config import RuntimeConfig
 from compress.data import DataConfig
 from compress.errors import GateFailed, UserError
+from compress.lineage import inherits_data
+# The methods: importing a module registers its methods (one line per module).
+from compress.quantize import bnb, cast, onnx_int8, torch_int8  # noqa: F401
+from compress.quantize.onnx_int8 import MIN_CALIBRATION
+from compress.quantize.registry import (METHODS, Job, Method, MethodSettings, auto_candidates, get_method,
+                                        settings_for)
 
-# Fewer examples than this give calibration ranges that depend on which sentences were picked.
-MIN_CALIBRATION = 8
 
-
-class QuantizeConfig(DataConfig):
+class _QuantizeStage(RuntimeConfig, DataConfig):
     """Quantize a classifier artifact."""
 
+    renamed = {"batch_size": "eval_batch_size"}
     model: str = Field(..., description="artifact to quantize: a PyTorch classifier directory, or an ONNX artifact for the ort-* methods")
     out: str = Field(..., description="output artifact directory")
-    method: str = Field(..., description="torch-dynamic-int8, ort-dynamic-int8, ort-static-int8, bnb-int8, bnb-nf4, bnb-fp4, bf16, fp16, or auto (the fastest that meets --max-drop)")
-    calib_samples: int = Field(128, ge=1, description="training examples used to calibrate activation ranges (ort-static-int8)")
-    calib_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="how activation ranges are chosen from the calibration set (ort-static-int8)")
-    per_channel: bool = Field(True, description="one scale per output channel instead of one per weight tensor (int8 methods); on the MiniLM teacher ort-dynamic-int8 lost 0.16 validation points per-channel against 1.22 per-tensor, at the same size")
-    weight_type: Literal["auto", "int8", "uint8"] = Field("auto", description="ONNX Runtime weight type; auto = int8 on CPUs with VNNI/AMX (u8 x s8 is their fast instruction), uint8 elsewhere (u8 x s8 can saturate without VNNI)")
-    optimize: Literal["auto", "none", "basic", "extended", "transformer"] = Field("auto", description="graph optimisation when a PyTorch model is exported first (ort-* methods); auto = transformer for ort-dynamic-int8 (QAttention; none where ORT has no fusions for the architecture), none for ort-static-int8 (QDQ needs the plain graph)")
+    method: str = Field(..., description=f"{', '.join(METHODS)}, or auto (the fastest that meets --max-drop)")
     max_drop: str | None = Field(None, description="accuracy tolerance on the validation split: absolute points (1.0 = one accuracy point) or relative ('2%' of the fp32 accuracy); layers fall back to full precision until it is met (auto: default 1.0)")
     max_fallback: int | None = Field(None, ge=0, description="at most this many layers fall back to full precision in accuracy-aware mode (default: no limit)")
     sensitivity_samples: int = Field(256, ge=8, description="validation examples used to rank layer sensitivity in accuracy-aware mode")
-    batch_size: int = Field(64, ge=1, description="examples per batch when evaluating")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the quantized model will run (bnb and fp16 need a matching backend)")
-    threads: int | None = Field(None, ge=1, description="CPU threads for evaluation and timing (default: all cores)")
-    force: bool = Field(False, description="replace an existing output directory")
 
     @field_validator("method")
     @classmethod
@@ -64,6 +65,72 @@ class QuantizeConfig(DataConfig):
         if v is not None:
             parse_drop(v)
         return v
+
+
+def _takes(method: type[Method]) -> str:
+    fields = method.Settings.model_fields
+    return ", ".join(fields) if fields else "no settings"
+
+
+def _setting_taken(cls, value, info: ValidationInfo):
+    """A method setting given for a method that does not take it is an error."""
+    method = info.data.get("method")
+    if value is None or method is None:  # unset, or the method itself is invalid (its own error says so)
+        return value
+    name = info.field_name
+    if method == "auto":
+        if not any(name in m.Settings.model_fields for m in auto_candidates()):
+            raise ValueError(f"--method auto tries {', '.join(m.name for m in auto_candidates())}, and none of them "
+                             f"takes {name}")
+    elif name not in METHODS[method].Settings.model_fields:
+        raise ValueError(f"--method {method} does not take {name}; it takes {_takes(METHODS[method])}")
+    return value
+
+
+def _setting_fields() -> dict[str, Any]:
+    """One optional flat field per method setting (the union over the registered methods).
+
+    Unset (None) means the method's own default. A setting shared by several methods is
+    declared once, in a settings class they share, so its type is the same for all.
+    """
+    users: dict[str, list[str]] = {}
+    infos: dict[str, Any] = {}
+    for method in METHODS.values():
+        for name, info in method.Settings.model_fields.items():
+            users.setdefault(name, []).append(method.name)
+            infos.setdefault(name, info)
+    fields = {}
+    for name, info in infos.items():
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        defaults = {m: METHODS[m].Settings.model_fields[name].default for m in users[name]}
+        shown = next(iter(defaults.values())) if len(set(map(repr, defaults.values()))) == 1 else \
+            ", ".join(f"{v} for {m}" for m, v in defaults.items())
+        fields[name] = (typing.Optional[annotation],
+                        Field(None, description=f"{info.description} ({', '.join(users[name])})",
+                              json_schema_extra={"default_text": shown}))
+    return fields
+
+
+SETTING_NAMES = tuple(_setting_fields())
+QuantizeConfig = create_model(
+    "QuantizeConfig", __base__=_QuantizeStage, __module__=__name__, __doc__=_QuantizeStage.__doc__,
+    __validators__={"_setting_taken": field_validator(*SETTING_NAMES)(_setting_taken)}, **_setting_fields())
+
+
+def given_settings(cfg) -> dict[str, Any]:
+    """The method settings the user set (flat flags or recipe keys), by name."""
+    return {k: getattr(cfg, k) for k in SETTING_NAMES if getattr(cfg, k) is not None}
+
+
+def method_settings(cfg, method: type[Method] | Method) -> MethodSettings:
+    """`method`'s typed settings: what the user set that it takes, its own defaults for the rest.
+
+    Under `--method auto` a setting applies to the candidates that take it.
+    """
+    given = given_settings(cfg)
+    if cfg.method == "auto":
+        given = {k: v for k, v in given.items() if k in method.Settings.model_fields}
+    return settings_for(method, given)
 
 
 @dataclass(frozen=True)
@@ -93,65 +160,9 @@ def parse_drop(text: str | float) -> Tolerance:
     return Tolerance(value, relative)
 
 
-# --------------------------------------------------------------------------- the method registry
-
-@dataclass
-class Job:
-    """What a method gets: the config, the input it consumes and, if it calibrates, the batches."""
-
-    cfg: QuantizeConfig
-    source: Path  # an fp32 PyTorch directory, or an ONNX artifact for methods with input == "onnx"
-    device: str
-    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
-
-
-class Method:
-    """One quantization method. Subclasses set `name`, `input` and implement `build`."""
-
-    name: ClassVar[str]
-    input: ClassVar[Literal["pytorch", "onnx"]] = "pytorch"
-    calibrated: ClassVar[bool] = False  # needs calibration batches from the training split
-    can_fall_back: ClassVar[bool] = True  # accuracy-aware mode may keep layers in full precision
-    export_optimize: ClassVar[str] = "auto"  # graph optimisation when an ONNX input must be exported first
-
-    def check(self, cfg: QuantizeConfig, device: str) -> None:
-        """Raise UserError when this method cannot run here (missing backend, wrong device)."""
-
-    def check_source(self, src: Path) -> None:
-        """Raise UserError when the given artifact (already in this method's input format) cannot be used."""
-
-    def layers(self, job: Job) -> list[str]:
-        """Names of the layers that are quantized and could fall back to full precision."""
-        return []
-
-    def build(self, job: Job, out: Path, exclude: list[str]) -> dict[str, Any]:
-        """Write the quantized artifact's weights and support files into `out`, leaving
-        `exclude` in full precision. Returns manifest fields (format, counts, ...)."""
-        raise NotImplementedError
-
-
-METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(name: str):
-    """Class decorator: make a Method available as `--method NAME`."""
-
-    def wrap(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise UserError(f"Unknown quantization method '{name}'. Known methods: {', '.join(sorted(METHODS))}, auto.")
-    return METHODS[name]()
-
-
 # --------------------------------------------------------------------------- the stage
 
+@inherits_data("model")
 def quantize(cfg: QuantizeConfig) -> Path:
     """Quantize `cfg.model` with `cfg.method` into `cfg.out`.
 
@@ -182,16 +193,19 @@ def quantize(cfg: QuantizeConfig) -> Path:
         methods = auto_methods(cfg, device, fmt, src)
     else:
         methods = [get_method(cfg.method)]
-        methods[0].check(cfg, device)
+        methods[0].check(method_settings(cfg, methods[0]), device)
         check_input(methods[0], fmt, src)
+    settings = {m.name: method_settings(cfg, m) for m in methods}
     tolerance = parse_drop(cfg.max_drop or DEFAULT_AUTO_DROP) if (cfg.max_drop or cfg.method == "auto") else None
 
     data = load_data(cfg)
     eval_device = "cuda" if device == "cuda" and fmt == "pytorch" else "cpu"
     evaluator = tune.Evaluator(data, src, cfg, eval_device)
-    calibration, calib_info = [], None
-    if any(m.calibrated for m in methods):
-        calibration, calib_info = calibration_batches(cfg, data, evaluator.tokenizer)
+    calibration: dict[str, list] = {}
+    calib_info = None
+    for m in methods:
+        if m.calibrated:
+            calibration[m.name], calib_info = calibration_batches(cfg, settings[m.name], data, evaluator.tokenizer)
 
     make_dir(out.parent)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as tmpdir:
@@ -199,8 +213,9 @@ def quantize(cfg: QuantizeConfig) -> Path:
         exports: dict[str, Path] = {}
 
         def make_job(method: Method) -> Job:
-            source = src if method.input == fmt else export_onnx(cfg, method, work, exports, device)
-            return Job(cfg, source, device, calibration if method.calibrated else [])
+            source = src if method.input == fmt else export_onnx(cfg, method, settings[method.name], work, exports,
+                                                                 device)
+            return Job(cfg, settings[method.name], source, device, calibration.get(method.name, []))
 
         search, auto_rows = None, None
         if cfg.method == "auto":
@@ -220,7 +235,8 @@ def quantize(cfg: QuantizeConfig) -> Path:
         with atomic_output(out, force=cfg.force) as tmp:
             for p in chosen.directory.iterdir():
                 shutil.move(str(p), tmp / p.name)
-            manifest = _write(tmp, cfg, src, evaluator, chosen, calib_info, tolerance, search, auto_rows, met)
+            manifest = _write(tmp, cfg, src, evaluator, chosen, calib_info, tolerance, search, auto_rows, met,
+                              settings[chosen.info["method"]])
             if tolerance is not None:
                 (tmp / "tuning.md").write_text(tune.tuning_markdown(evaluator.baseline, tolerance, search, auto_rows, chosen))
     _summary(out, manifest)
@@ -236,17 +252,13 @@ def quantize(cfg: QuantizeConfig) -> Path:
 
 
 DEFAULT_AUTO_DROP = "1.0"
-# --method auto tries these, in this order. bitsandbytes is left out: it saves memory, but
-# its layers are slower than fp32 on the CPU and than fp16 on most GPUs.
-AUTO_ORDER = ("ort-dynamic-int8", "ort-static-int8", "torch-dynamic-int8", "bf16", "fp16")
 
 
-def auto_methods(cfg: QuantizeConfig, device: str, fmt: str, src: Path) -> list[Method]:
-    from compress.hardware import has_fast_bf16_cpu
-
+def auto_methods(cfg, device: str, fmt: str, src: Path) -> list[Method]:
+    """The candidates of `--method auto` (each method's `auto_order`) that can run here on this input."""
     methods = []
-    for name in AUTO_ORDER:
-        m = get_method(name)
+    for cls in auto_candidates():
+        m = cls()
         if fmt == "onnx" and m.input != "onnx":
             continue
         if fmt == m.input:
@@ -254,10 +266,10 @@ def auto_methods(cfg: QuantizeConfig, device: str, fmt: str, src: Path) -> list[
                 m.check_source(src)
             except UserError:
                 continue
-        if name == "bf16" and device == "cpu" and not has_fast_bf16_cpu():
+        if not m.worth_trying(device):
             continue
         try:
-            m.check(cfg, device)
+            m.check(method_settings(cfg, m), device)
         except UserError:
             continue
         methods.append(m)
@@ -284,27 +296,29 @@ def check_input(method: Method, fmt: str, src: Path) -> None:
         method.check_source(src)
 
 
-def export_onnx(cfg: QuantizeConfig, method: Method, work: Path, exports: dict[str, Path], device: str) -> Path:
+def export_onnx(cfg, method: Method, settings: MethodSettings, work: Path, exports: dict[str, Path],
+                device: str) -> Path:
     """Export the PyTorch input to ONNX (with export's parity gate), once per optimisation level."""
     from compress.export import ExportConfig, export
 
-    level = method.export_optimize if cfg.optimize == "auto" else cfg.optimize
-    if level == "transformer" and cfg.optimize == "auto":
+    optimize = getattr(settings, "optimize", "auto")
+    level = method.export_optimize if optimize == "auto" else optimize
+    if level == "transformer" and optimize == "auto":
         from transformers import AutoConfig
 
         from compress.export import fusion_model_type
 
-        if not fusion_model_type(AutoConfig.from_pretrained(cfg.model).model_type):
+        if not fusion_model_type(AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code).model_type):
             level = "none"  # no transformer fusions for this architecture: the plain graph
     if level not in exports:
         data_fields = {k: getattr(cfg, k) for k in DataConfig.model_fields}
         exports[level] = export(ExportConfig(model=cfg.model, out=str(work / f"export-{level}"), optimize=level,
-                                             device="cpu", **data_fields))
+                                             device="cpu", trust_remote_code=cfg.trust_remote_code, **data_fields))
     return exports[level]
 
 
-def calibration_batches(cfg: QuantizeConfig, data, tokenizer) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
-    """`cfg.calib_samples` training examples (a seeded random sample), one per batch, all
+def calibration_batches(cfg, settings, data, tokenizer) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """`settings.calib_samples` training examples (a seeded random sample), one per batch, all
     padded to the same width.
 
     ONNX Runtime's entropy and percentile calibrators stack every batch's activations into
@@ -317,13 +331,14 @@ def calibration_batches(cfg: QuantizeConfig, data, tokenizer) -> tuple[list[dict
     train = data["train"]
     if len(train) == 0:
         raise UserError(f"The training split of '{cfg.dataset}' is empty: there is nothing to calibrate on.")
-    if cfg.calib_samples < MIN_CALIBRATION:
-        raise UserError(f"--calib-samples {cfg.calib_samples} is too small: calibrate on at least {MIN_CALIBRATION} "
+    n = settings.calib_samples
+    if n < MIN_CALIBRATION:
+        raise UserError(f"--calib-samples {n} is too small: calibrate on at least {MIN_CALIBRATION} "
                         "examples (128 or more gives stable activation ranges).")
-    if len(train) < cfg.calib_samples:
-        raise UserError(f"--calib-samples {cfg.calib_samples} asks for more examples than the training split of "
+    if len(train) < n:
+        raise UserError(f"--calib-samples {n} asks for more examples than the training split of "
                         f"'{cfg.dataset}' has ({len(train)}). Lower --calib-samples or use a larger dataset.")
-    idx = np.sort(np.random.default_rng(0).choice(len(train), cfg.calib_samples, replace=False))
+    idx = np.sort(np.random.default_rng(0).choice(len(train), n, replace=False))
     split = EncodedSplit(tokenize(train.select(idx.tolist()), tokenizer, cfg.max_length, data.has_pair))
     pad = tokenizer.pad_token_id or 0
     width = int(split.lengths.max())
@@ -334,13 +349,13 @@ def calibration_batches(cfg: QuantizeConfig, data, tokenizer) -> tuple[list[dict
         if extra > 0:
             b = {k: np.pad(v, ((0, 0), (0, extra)), constant_values=pad if k == "input_ids" else 0) for k, v in b.items()}
         batches.append({k: v[:, :width] for k, v in b.items()})
-    info = {"dataset": data.source, "split": "train", "n": cfg.calib_samples, "seed": 0, "padded_to": width,
-            "fingerprint": fingerprint(data.fingerprint, idx.tolist()), "method": cfg.calib_method}
+    info = {"dataset": data.source, "split": "train", "n": n, "seed": 0, "padded_to": width,
+            "fingerprint": fingerprint(data.fingerprint, idx.tolist()), "method": settings.calib_method}
     return batches, info
 
 
-def _write(tmp: Path, cfg: QuantizeConfig, src: Path, evaluator, chosen, calib_info, tolerance, search, auto_rows,
-           met: bool) -> dict[str, Any]:
+def _write(tmp: Path, cfg, src: Path, evaluator, chosen, calib_info, tolerance, search, auto_rows,
+           met: bool, settings: MethodSettings) -> dict[str, Any]:
     from compress.quantize import tune
 
     info = dict(chosen.info)
@@ -365,7 +380,8 @@ def _write(tmp: Path, cfg: QuantizeConfig, src: Path, evaluator, chosen, calib_i
                   "steps": search.steps if search else None, "sensitivity": search.sensitivity if search else None,
                   "auto": auto_rows}
     return write_manifest(tmp, stage="quantize", config=cfg.model_dump(), parent=str(src), metrics=metrics,
-                          method=method, quantization=info, calibration=calib_info if METHODS[method].calibrated else None,
+                          method=method, settings=settings.model_dump(), quantization=info,
+                          calibration=calib_info if METHODS[method].calibrated else None,
                           fallback_layers=fallback, tuning=tuning,
                           data={"source": cfg.dataset, "split": "validation",
                                 "fingerprint": evaluator.data_fingerprint}, **top)
@@ -380,4 +396,3 @@ def _summary(out: Path, manifest: dict[str, Any]) -> None:
           f"{manifest['metrics']['size_bytes'] / 1e6:.2f} MB; fallback layers: {len(manifest['fallback_layers'])} -> {out}")
 
 
-from compress.quantize import bnb, cast, onnx_int8, torch_int8  # noqa: E402,F401  (register the methods)

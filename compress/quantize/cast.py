@@ -14,7 +14,7 @@ from typing import Any
 
 from compress.artifacts import copy_support_files
 from compress.errors import UserError
-from compress.quantize import Job, Method, register_method
+from compress.quantize.registry import Job, Method, register_method
 
 
 class Cast(Method):
@@ -27,7 +27,7 @@ class Cast(Method):
 
         from compress.models import load_classifier
 
-        model, _ = load_classifier(job.source)
+        model, _ = load_classifier(job.source, job.cfg.trust_remote_code)
         model.to(torch.bfloat16 if self.dtype == "bf16" else torch.float16)
         model.save_pretrained(out, safe_serialization=True)
         copy_support_files(job.source, out)
@@ -42,8 +42,15 @@ class Cast(Method):
 @register_method("bf16")
 class Bf16(Cast):
     dtype = "bf16"
+    auto_order = 3
 
-    def check(self, cfg, device: str) -> None:
+    def worth_trying(self, device: str) -> bool:
+        # Without AMX, bf16 on the CPU is slower than fp32 (docs/decisions.md): it runs, but never wins.
+        from compress.hardware import has_fast_bf16_cpu
+
+        return device != "cpu" or has_fast_bf16_cpu()
+
+    def check(self, settings, device: str) -> None:
         import torch
 
         if device == "cuda" and not torch.cuda.is_bf16_supported():
@@ -53,8 +60,9 @@ class Bf16(Cast):
 @register_method("fp16")
 class Fp16(Cast):
     dtype = "fp16"
+    auto_order = 4
 
-    def check(self, cfg, device: str) -> None:
+    def check(self, settings, device: str) -> None:
         if device != "cuda":
             raise UserError("--method fp16 needs a CUDA GPU (fp16 matmuls on the CPU are emulated and slow). "
                             "On the CPU use an int8 method, or bf16 on a CPU with AMX; on a GPU pass --device cuda.")

@@ -21,11 +21,14 @@ import logging
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from compress.artifacts import copy_support_files, read_manifest
 from compress.errors import UserError
-from compress.quantize import Job, Method, register_method
+from compress.quantize.registry import Int8Settings, Job, Method, register_method
+from compress.runners.ort import find_onnx_file
 
 OUTPUT_FILE = "model_int8.onnx"
 # What the quantized graph's operators were before quantization (dynamic IntegerOps).
@@ -36,12 +39,26 @@ GEMM_SUFFIX = "_MatMul"
 STATIC_OPS = ("MatMul", "Gemm", "Gather")
 CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 256
+# Fewer examples than this give calibration ranges that depend on which sentences were picked.
+MIN_CALIBRATION = 8
+
+
+class OrtSettings(Int8Settings):
+    """Settings of both ONNX Runtime methods."""
+
+    weight_type: Literal["auto", "int8", "uint8"] = Field("auto", description="ONNX Runtime weight type; auto = int8 on CPUs with VNNI/AMX (u8 x s8 is their fast instruction), uint8 elsewhere (u8 x s8 can saturate without VNNI)")
+    optimize: Literal["auto", "none", "basic", "extended", "transformer"] = Field("auto", description="graph optimisation when a PyTorch model is exported first; auto = transformer for ort-dynamic-int8 (QAttention; none where ORT has no fusions for the architecture), none for ort-static-int8 (QDQ needs the plain graph)")
+
+
+class OrtStaticSettings(OrtSettings):
+    """ort-static-int8: the weight scheme plus the calibration set."""
+
+    calib_samples: int = Field(128, ge=1, description="training examples used to calibrate activation ranges")
+    calib_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="how activation ranges are chosen from the calibration set")
 
 
 def onnx_path(directory: Path) -> Path:
-    from compress.export import _find_onnx_file
-
-    name = read_manifest(directory).get("onnx_file") or _find_onnx_file(directory)
+    name = read_manifest(directory).get("onnx_file") or find_onnx_file(directory)
     return directory / name
 
 
@@ -120,16 +137,16 @@ def quantized_counts(model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _weight_type(cfg):
+def _weight_type(settings: OrtSettings):
     from onnxruntime.quantization import QuantType
 
     from compress.hardware import has_vnni
 
-    if cfg.weight_type == "auto":
+    if settings.weight_type == "auto":
         # VNNI multiplies u8 activations by s8 weights natively; without it the u8 x s8
         # instruction (vpmaddubsw) can saturate, and u8 x u8 is the safe choice.
         return QuantType.QInt8 if has_vnni() else QuantType.QUInt8
-    return QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8
+    return QuantType.QInt8 if settings.weight_type == "int8" else QuantType.QUInt8
 
 
 class _NoPreprocessHint(logging.Filter):
@@ -142,7 +159,7 @@ class _NoPreprocessHint(logging.Filter):
 logging.getLogger().addFilter(_NoPreprocessHint())
 
 
-def _extra_options(model) -> dict[str, Any]:
+def _extra_options() -> dict[str, Any]:
     import onnx
 
     # Fused graphs hold contrib ops whose output types ORT's shape inference cannot see.
@@ -187,7 +204,9 @@ def _finish(job: Job, out: Path, exclude: list[str], extra: dict[str, Any]) -> d
 
 @register_method("ort-dynamic-int8")
 class OrtDynamicInt8(Method):
+    Settings = OrtSettings
     input = "onnx"
+    auto_order = 0
     # Fused (QAttention, QEmbedLayerNormalization), with the export's session settings (split
     # residual LayerNorms, denormals flushed): on this project's 2-core AVX512-VNNI machine
     # (ORT 1.31, b1, one review padded to 128 tokens, 2 threads) the MiniLM-L6 teacher ran in
@@ -203,28 +222,28 @@ class OrtDynamicInt8(Method):
 
         model = load_graph(job.source)
         heads = excluded_heads(model.graph)
-        weight_type = _weight_type(job.cfg)
+        weight_type = _weight_type(job.settings)
         quantize_dynamic(model, out / OUTPUT_FILE, op_types_to_quantize=list(DYNAMIC_OPS),
-                         per_channel=job.cfg.per_channel, weight_type=weight_type,
-                         nodes_to_exclude=heads + list(exclude), extra_options=_extra_options(model))
+                         per_channel=job.settings.per_channel, weight_type=weight_type,
+                         nodes_to_exclude=heads + list(exclude), extra_options=_extra_options())
         return _finish(job, out, exclude, {"scheme": {
-            "weights": f"{weight_type.name} symmetric " + ("per-channel" if job.cfg.per_channel else "per-tensor"),
+            "weights": f"{weight_type.name} symmetric " + ("per-channel" if job.settings.per_channel else "per-tensor"),
             "activations": "QUInt8, dynamic per batch"}})
 
 
 @register_method("ort-static-int8")
 class OrtStaticInt8(Method):
+    Settings = OrtStaticSettings
     input = "onnx"
     calibrated = True
+    auto_order = 1
     # QDQ on the plain graph: ORT fuses DequantizeLinear/MatMul/QuantizeLinear into integer
     # kernels when the session starts; the transformer fusions would hide MatMuls in Attention.
     export_optimize = "none"
 
-    def check(self, cfg, device: str) -> None:
-        from compress.quantize import MIN_CALIBRATION
-
-        if cfg.calib_samples < MIN_CALIBRATION:
-            raise UserError(f"--calib-samples {cfg.calib_samples} is too small: ort-static-int8 needs at least "
+    def check(self, settings: OrtStaticSettings, device: str) -> None:
+        if settings.calib_samples < MIN_CALIBRATION:
+            raise UserError(f"--calib-samples {settings.calib_samples} is too small: ort-static-int8 needs at least "
                             f"{MIN_CALIBRATION} examples to calibrate (128 or more gives stable ranges).")
 
     def check_source(self, src: Path) -> None:
@@ -247,7 +266,7 @@ class OrtStaticInt8(Method):
                                               quantize_static)
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        cfg = job.cfg
+        settings = job.settings
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             pre = Path(tmp) / "pre.onnx"
             # Symbolic shape inference fails on these graphs; ONNX shape inference is enough.
@@ -264,21 +283,21 @@ class OrtStaticInt8(Method):
                     return next(self._it, None)
 
             heads = excluded_heads(model.graph)
-            weight_type = _weight_type(cfg)
-            method = getattr(CalibrationMethod, CALIBRATION[cfg.calib_method])
+            weight_type = _weight_type(settings)
+            method = getattr(CalibrationMethod, CALIBRATION[settings.calib_method])
             cache = None
-            if cfg.calib_method == "entropy":
+            if settings.calib_method == "entropy":
                 cache = Path(tmp) / "ranges.json"
                 _entropy_ranges(pre, Reader(), Path(tmp) / "augmented.onnx", cache)
             quantize_static(str(pre), str(out / OUTPUT_FILE), Reader(), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(STATIC_OPS), per_channel=cfg.per_channel,
+                            op_types_to_quantize=list(STATIC_OPS), per_channel=settings.per_channel,
                             activation_type=QuantType.QUInt8, weight_type=weight_type,
                             nodes_to_exclude=heads + list(exclude),
                             calibrate_method=method,
-                            extra_options={**_extra_options(model), "CalibTensorRangeSymmetric": False},
+                            extra_options={**_extra_options(), "CalibTensorRangeSymmetric": False},
                             calibration_providers=["CPUExecutionProvider"], calibration_cache_path=cache)
         shutil.rmtree(out / "augmented_model.onnx", ignore_errors=True)
         return _finish(job, out, exclude, {"scheme": {
-            "weights": f"{weight_type.name} symmetric " + ("per-channel" if cfg.per_channel else "per-tensor"),
-            "activations": f"QUInt8, static ({cfg.calib_method} on {cfg.calib_samples} examples)",
+            "weights": f"{weight_type.name} symmetric " + ("per-channel" if settings.per_channel else "per-tensor"),
+            "activations": f"QUInt8, static ({settings.calib_method} on {settings.calib_samples} examples)",
             "format": "QDQ", "operators": list(STATIC_OPS)}})

@@ -37,7 +37,7 @@ class Evaluator:
     def __init__(self, data, reference: Path, cfg, device: str):
         self.cfg, self.device, self.reference = cfg, device, Path(reference)
         self.data_fingerprint = data.fingerprint
-        runner = load_runner(reference, device=device, threads=cfg.threads)
+        runner = load_runner(reference, device=device, threads=cfg.threads, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = runner.tokenizer
         mapping = check_labels(data, getattr(runner.config, "label2id", None), runner.config.num_labels)
         ds = data["validation"]
@@ -45,8 +45,8 @@ class Evaluator:
         small = ds.select(range(min(len(ds), cfg.sensitivity_samples)))
         self.subset = EncodedSplit(tokenize(small, self.tokenizer, cfg.max_length, data.has_pair, mapping))
         self.num_labels = runner.config.num_labels
-        self.reference_logits = score(runner, self.split, cfg.batch_size)
-        self.reference_subset = score(runner, self.subset, cfg.batch_size)
+        self.reference_logits = score(runner, self.split, cfg.eval_batch_size)
+        self.reference_subset = score(runner, self.subset, cfg.eval_batch_size)
         self.baseline = self._metrics(self.reference_logits)
 
     def _metrics(self, logits: np.ndarray) -> dict[str, float]:
@@ -56,15 +56,16 @@ class Evaluator:
         return m
 
     def runner(self, directory: Path, device: str | None = None):
-        return load_runner(directory, device=device or self.device, threads=self.cfg.threads)
+        return load_runner(directory, device=device or self.device, threads=self.cfg.threads,
+                           trust_remote_code=self.cfg.trust_remote_code)
 
     def validation(self, directory: Path, device: str | None = None) -> dict[str, float]:
         """accuracy, macro_f1, n and agreement with the fp32 predictions on the validation split."""
-        return self._metrics(score(self.runner(directory, device), self.split, self.cfg.batch_size))
+        return self._metrics(score(self.runner(directory, device), self.split, self.cfg.eval_batch_size))
 
     def logit_error(self, directory: Path, device: str | None = None) -> float:
         """Mean squared logit difference to fp32 on the sensitivity subset."""
-        logits = score(self.runner(directory, device), self.subset, self.cfg.batch_size)
+        logits = score(self.runner(directory, device), self.subset, self.cfg.eval_batch_size)
         return float(np.mean((logits.astype(np.float64) - self.reference_subset) ** 2))
 
 

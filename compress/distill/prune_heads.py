@@ -18,11 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from compress.anatomy import ATTENTION_OUTPUT_NAMES, ATTENTION_VALUE_NAMES, layer_list
 from compress.errors import UserError
-
-# Where BERT-like encoders keep a layer's attention output and value projections.
-OUT_NAMES = ("attention.output.dense", "attention.out_lin")
-VALUE_NAMES = ("attention.self.value", "attention.v_lin")
 
 
 def _find(layer, names):
@@ -36,9 +33,8 @@ def _find(layer, names):
 
 def head_projections(model) -> list[tuple[Any, Any]]:
     """[(value projection, output projection)] of every layer."""
-    from compress.distill.student import layer_list
-
-    found = [(_find(layer, VALUE_NAMES), _find(layer, OUT_NAMES)) for layer in layer_list(model)[1]]
+    found = [(_find(layer, ATTENTION_VALUE_NAMES), _find(layer, ATTENTION_OUTPUT_NAMES))
+             for layer in layer_list(model)[1]]
     if not hasattr(model, "prune_heads") or any(v is None or o is None for v, o in found):
         raise UserError(f"--prune-heads supports BERT-like encoders (BERT, RoBERTa, MiniLM, DistilBERT); cannot find "
                         f"the attention projections of this {type(model).__name__}. Drop --prune-heads.")
@@ -49,7 +45,7 @@ def head_output_norms(model, outputs, n_heads: int, batches) -> list:
     """Mean ||c_h W_O[:, h]|| of each head h of each layer over the real tokens of `batches`."""
     import torch
 
-    from compress.prune_ffn import token_means
+    from compress.distill.prune_ffn import token_means
 
     def per_head(i, ctx):
         b, s, width = ctx.shape

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from compress.anatomy import FFN_WIDTH_KEYS, layer_list, model_inputs
 from compress.errors import UserError
-
-# Where configs keep the feed-forward width: BERT/RoBERTa/MiniLM, DistilBERT, BART-like.
-WIDTH_KEYS = ("intermediate_size", "hidden_dim", "ffn_dim")
 
 
 def ffn_width(config) -> tuple[str, int]:
-    for key in WIDTH_KEYS:
+    for key in FFN_WIDTH_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return key, value
     raise UserError(f"--prune-ffn needs the model's feed-forward width, but its {type(config).__name__} has none of "
-                    f"{', '.join(WIDTH_KEYS)}. Drop --prune-ffn for this student.")
+                    f"{', '.join(FFN_WIDTH_KEYS)}. Drop --prune-ffn for this student.")
 
 
 def ffn_pairs(layer, hidden: int, inner: int):
@@ -88,7 +86,7 @@ def token_means(model, modules, measure, batches) -> list:
             for batch in batches:
                 state["mask"] = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
                 state["tokens"] += int(batch["attention_mask"].sum())
-                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+                model(**model_inputs(batch))
     finally:
         for h in handles:
             h.remove()
@@ -110,8 +108,6 @@ def prune_ffn(model, width: int, batches=None) -> dict[str, Any]:
     the ranking score the kept units hold (1.0 = nothing of weight was removed).
     """
     import torch
-
-    from compress.distill.student import layer_list
 
     config = model.config
     key, inner = ffn_width(config)

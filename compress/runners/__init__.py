@@ -3,7 +3,7 @@
 A runner knows three things: its tokenizer, how to turn a padded batch into logits, and
 what it is (format, device). Evaluation, the export parity gate, accuracy-aware
 quantization and the benchmark all go through `load_runner`, so a new backend is one
-class and one line in `RUNNERS`.
+module in this package (`pytorch`, `ort`, `torch_int8`, `bnb`) and one line in `RUNNERS`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ import numpy as np
 from compress.artifacts import read_manifest
 from compress.data import EncodedSplit, bucketed_batches, collate
 from compress.errors import UserError
+from compress.runners.bnb import BnbRunner
+from compress.runners.ort import OrtRunner
+from compress.runners.pytorch import TorchRunner
+from compress.runners.torch_int8 import TorchInt8Runner
 
 
 class Runner(Protocol):
@@ -29,49 +33,14 @@ class Runner(Protocol):
         """Logits for a right-padded batch of int64 arrays (input_ids, attention_mask[, token_type_ids])."""
 
 
-class TorchRunner:
-    """Eager PyTorch: fp32, bf16/fp16 casts, and anything `from_pretrained` loads."""
-
-    format = "pytorch"
-
-    def __init__(self, directory: Path, device: str = "cpu", threads: int | None = None):
-        import torch
-        from transformers import AutoConfig
-
-        from compress.models import load_classifier
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.model, self.tokenizer = load_classifier(directory)
-        manifest = read_manifest(directory)
-        dtype = manifest.get("dtype")
-        if dtype in ("bf16", "fp16"):
-            self.model.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
-            self.format = f"pytorch-{dtype}"
-        self.device = device
-        self.model.to(device).eval()
-        self.config = AutoConfig.from_pretrained(str(directory))
-
-    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        import torch
-
-        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()
-                  if k in ("input_ids", "attention_mask", "token_type_ids")}
-        with torch.inference_mode():
-            return self.model(**inputs).logits.float().cpu().numpy()
-
-
-RUNNERS: dict[str, Callable[..., Runner]] = {"pytorch": TorchRunner}
-
-
-def register(fmt: str):
-    """Decorator: make a runner class loadable for artifacts whose format is `fmt`."""
-
-    def wrap(cls):
-        RUNNERS[fmt] = cls
-        return cls
-
-    return wrap
+# format (the manifest's `format`) -> runner class. A new backend is one module in this
+# package and one line here; backends import their heavy libraries when they are built.
+RUNNERS: dict[str, Callable[..., Runner]] = {
+    "pytorch": TorchRunner,
+    "onnx": OrtRunner,
+    "torch-int8": TorchInt8Runner,
+    "bnb": BnbRunner,
+}
 
 
 def detect_format(directory: str | Path) -> str:
@@ -94,25 +63,19 @@ def detect_format(directory: str | Path) -> str:
     )
 
 
-def _load_plugins() -> None:
-    # Backends with heavy imports register themselves when their module is imported.
-    import importlib
+def load_runner(directory: str | Path, device: str = "cpu", threads: int | None = None,
+                trust_remote_code: bool = False) -> Runner:
+    """The runner for the artifact in `directory`, chosen by its format (`detect_format`).
 
-    for mod in ("compress.export", "compress.quantize"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name != mod:
-                raise
-
-
-def load_runner(directory: str | Path, device: str = "cpu", threads: int | None = None) -> Runner:
+    Args:
+        device: "cpu" or "cuda" (already resolved).
+        threads: intra-op threads of the backend; None leaves the library's choice.
+        trust_remote_code: allow model code shipped with the checkpoint (only for sources you trust).
+    """
     fmt = detect_format(directory)
     if fmt not in RUNNERS:
-        _load_plugins()
-    if fmt not in RUNNERS:
         raise UserError(f"No runner for artifacts of format '{fmt}' ('{directory}'). Known formats: {', '.join(sorted(RUNNERS))}.")
-    return RUNNERS[fmt](Path(directory), device=device, threads=threads)
+    return RUNNERS[fmt](Path(directory), device=device, threads=threads, trust_remote_code=trust_remote_code)
 
 
 def numpy_batch(split: EncodedSplit, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
