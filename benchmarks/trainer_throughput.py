@@ -1,7 +1,9 @@
 """Training throughput: compress's loop against transformers.Trainer, on the same data and settings.
 
 (a) fine-tuning minilm-l6: `compress.loop.fit` (length-bucketed batches) vs `transformers.Trainer`
-    (its default random sampler, dynamic padding via DataCollatorWithPadding).
+    given `group_by_length=True` (its LengthGroupedSampler: the length grouping a Trainer user
+    turns on) and dynamic padding via DataCollatorWithPadding; its default random sampler is
+    measured too, for reference.
 (b) distillation with logit KD into a 2-layer student copied from the teacher: compress (teacher
     logits cached in one pass before training, looked up per batch) vs the usual recipe, a Trainer
     subclass whose compute_loss runs the teacher on every step.
@@ -47,16 +49,19 @@ def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray], multiple:
     return real / padded
 
 
-def trainer_args(out: str, batch_size: int, bf16: bool, seed: int):
+def trainer_args(out: str, batch_size: int, bf16: bool, seed: int, group_by_length: bool = True,
+                 torch_compile: bool = False):
     from transformers import TrainingArguments
 
     return TrainingArguments(output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1,
                              learning_rate=5e-5, warmup_ratio=0.0, weight_decay=0.01, max_grad_norm=1.0,
                              bf16=bf16, use_cpu=True, eval_strategy="no", save_strategy="no", logging_strategy="no",
-                             report_to=[], dataloader_num_workers=0, seed=seed, disable_tqdm=True)
+                             report_to=[], dataloader_num_workers=0, seed=seed, disable_tqdm=True,
+                             group_by_length=group_by_length, torch_compile=torch_compile)
 
 
-def run_trainer(model, tokenizer, ds, batch_size: int, bf16: bool, teacher=None, temperature: float = 2.0) -> dict:
+def run_trainer(model, tokenizer, ds, batch_size: int, bf16: bool, teacher=None, temperature: float = 2.0,
+                group_by_length: bool = True, torch_compile: bool = False) -> dict:
     """transformers.Trainer; with a teacher, the usual KD subclass that runs it on every step."""
     import torch
     import torch.nn.functional as F
@@ -75,7 +80,8 @@ def run_trainer(model, tokenizer, ds, batch_size: int, bf16: bool, teacher=None,
 
     with tempfile.TemporaryDirectory() as d:
         cls = DistillTrainer if teacher is not None else Trainer
-        trainer = cls(model=model, args=trainer_args(d, batch_size, bf16, 0), train_dataset=ds,
+        trainer = cls(model=model, args=trainer_args(d, batch_size, bf16, 0, group_by_length, torch_compile),
+                      train_dataset=ds,
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8))
         t0 = time.perf_counter()
         metrics = trainer.train().metrics
@@ -84,15 +90,18 @@ def run_trainer(model, tokenizer, ds, batch_size: int, bf16: bool, teacher=None,
             metrics.get("train_samples_per_second")}
 
 
-def run_compress(model, train, val, pad_id: int, batch_size: int, precision: str, loss_fn=None, extra_seconds=0.0):
-    from compress.loop import LoopConfig, default_loss, fit
+def run_compress(model, train, val, batch_size: int, precision: str, loss_fn=None, extra_seconds=0.0,
+                 compile_: bool = False):
+    from compress.loop import LoopConfig, fit
+    from compress.tasks.classification import ClassificationTask
 
+    task = ClassificationTask()
     cfg = LoopConfig(epochs=1, batch_size=batch_size, lr=5e-5, warmup_ratio=0.0, weight_decay=0.01, grad_clip=1.0,
-                     precision=precision, checkpoint_every=0, progress=False, seed=0)
+                     precision=precision, checkpoint_every=0, progress=False, seed=0, compile=compile_)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        result = fit(model, train=train, val=val, pad_id=pad_id, cfg=cfg, work=Path(d),
-                     loss_fn=loss_fn or default_loss, num_labels=2)
+        result = fit(model, train=train, cfg=cfg, work=Path(d), loss_fn=loss_fn or task.loss,
+                     evaluate=task.validator(val, 64), metric=task.primary_metric, higher_is_better=True)
         wall = time.perf_counter() - t0
     # fit's own figure counts the training loop only (not the final evaluation or checkpoint).
     out = {"samples_per_s": result.train_samples_per_s, "seconds": len(train) / result.train_samples_per_s,
@@ -120,6 +129,9 @@ def main() -> None:
     ap.add_argument("--teacher", default=None, help="fine-tuned teacher dir for (b) (default: runs/teacher if it "
                     "exists, else minilm-l6 with a new head: the speed is the same)")
     ap.add_argument("--student-layers", default="0,3")
+    ap.add_argument("--compile", action="store_true", help="compress's loop with compile on")
+    ap.add_argument("--trainer-compile", action="store_true", help="also time the Trainer with torch_compile=True")
+    ap.add_argument("--runs", default="train,distill", help="which parts to run")
     args = ap.parse_args()
 
     precision = resolve_precision("auto", "cpu")
@@ -132,52 +144,80 @@ def main() -> None:
     tok_ds = tokenize(ds, tokenizer, 128).remove_columns(["length"])
     train = EncodedSplit(tokenize(ds, tokenizer, 128))
     val = EncodedSplit(tokenize(data["validation"].select(range(64)), tokenizer, 128))
+    train.pad_id = val.pad_id = tokenizer.pad_token_id
     rng = np.random.default_rng(0)
     random_batches = np.array_split(rng.permutation(len(train)), -(-len(train) // args.batch_size))
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    grouped = list(LengthGroupedSampler(args.batch_size, lengths=train.lengths.tolist(),
+                                        generator=torch.Generator().manual_seed(0)))
+    grouped_batches = [np.asarray(grouped[i:i + args.batch_size]) for i in range(0, len(grouped), args.batch_size)]
     results = {"padding_efficiency": {
         "compress_bucketed": padding_efficiency(train.lengths, bucketed_batches(train.lengths, args.batch_size,
                                                                                 shuffle=True)),
+        "trainer_group_by_length": padding_efficiency(train.lengths, grouped_batches),
         "trainer_random_sampler": padding_efficiency(train.lengths, random_batches)}}
+    runs = args.runs.split(",")
 
     def fresh(path):
         torch.manual_seed(0)
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
     print("(a) fine-tuning minilm-l6")
-    results["train_compress"] = run_compress(fresh(base), train, val, tokenizer.pad_token_id, args.batch_size, precision)
-    print("   compress:", results["train_compress"])
-    results["train_trainer"] = run_trainer(fresh(base), tokenizer, tok_ds, args.batch_size, bf16)
-    print("   Trainer: ", results["train_trainer"])
+    if "train" in runs:
+        results["train_compress"] = run_compress(fresh(base), train, val, args.batch_size, precision,
+                                                 compile_=args.compile)
+        print("   compress:", results["train_compress"])
+        results["train_trainer"] = run_trainer(fresh(base), tokenizer, tok_ds, args.batch_size, bf16)
+        print("   Trainer, group_by_length:", results["train_trainer"])
+        if args.trainer_compile:
+            results["train_trainer_compiled"] = run_trainer(fresh(base), tokenizer, tok_ds, args.batch_size, bf16,
+                                                            torch_compile=True)
+            print("   Trainer, group_by_length, torch_compile:", results["train_trainer_compiled"])
+        results["train_trainer_random"] = run_trainer(fresh(base), tokenizer, tok_ds, args.batch_size, bf16,
+                                                      group_by_length=False)
+        print("   Trainer, default sampler:", results["train_trainer_random"])
 
-    print("(b) logit distillation into a 2-layer student")
-    teacher = fresh(teacher_dir).eval()
     layers = [int(x) for x in args.student_layers.split(",")]
-    t0 = time.perf_counter()
-    cache = TeacherCache(teacher, train, tokenizer.pad_token_id, batch_size=256, device="cpu",
-                         precision=precision).logits
-    cache_seconds = time.perf_counter() - t0
-    loss = DistillLoss(teacher, cache, losses=["logits"], temperature=2.0, alpha=0.5, hidden_weight=0,
-                       attention_weight=0, pairs=[(1, 1)])
-    student = from_teacher_layers(teacher, tokenizer, layers).model
-    results["distill_compress"] = run_compress(student, train, val, tokenizer.pad_token_id, args.batch_size,
-                                               precision, loss_fn=loss, extra_seconds=cache_seconds)
-    print("   compress:", results["distill_compress"])
-    student = from_teacher_layers(teacher, tokenizer, layers).model
-    results["distill_trainer"] = run_trainer(student, tokenizer, tok_ds, args.batch_size, bf16, teacher=teacher)
-    print("   Trainer: ", results["distill_trainer"])
+    if "distill" in runs:
+        print("(b) logit distillation into a 2-layer student")
+        teacher = fresh(teacher_dir).eval()
+        t0 = time.perf_counter()
+        cache = TeacherCache(teacher, train, tokenizer.pad_token_id, batch_size=256, device="cpu",
+                             precision=precision).logits
+        cache_seconds = time.perf_counter() - t0
+        loss = DistillLoss(teacher, cache, losses=["logits"], temperature=2.0, alpha=0.5, hidden_weight=0,
+                           attention_weight=0, pairs=[(1, 1)])
+        student = from_teacher_layers(teacher, tokenizer, layers).model
+        results["distill_compress"] = run_compress(student, train, val, args.batch_size, precision, loss_fn=loss,
+                                                   extra_seconds=cache_seconds)
+        print("   compress:", results["distill_compress"])
+        student = from_teacher_layers(teacher, tokenizer, layers).model
+        results["distill_trainer"] = run_trainer(student, tokenizer, tok_ds, args.batch_size, bf16, teacher=teacher)
+        print("   Trainer: ", results["distill_trainer"])
 
-    results["speedup"] = {
-        "train": results["train_compress"]["samples_per_s"] / results["train_trainer"]["samples_per_s"],
-        "distill": results["distill_compress"]["samples_per_s"] / results["distill_trainer"]["samples_per_s"],
-        "distill_with_cache": results["distill_compress"]["samples_per_s_with_cache"]
-        / results["distill_trainer"]["samples_per_s"]}
+    speedup = {}
+    if "train_compress" in results:
+        speedup["train"] = results["train_compress"]["samples_per_s"] / results["train_trainer"]["samples_per_s"]
+        speedup["train_vs_default_sampler"] = (results["train_compress"]["samples_per_s"]
+                                               / results["train_trainer_random"]["samples_per_s"])
+        if "train_trainer_compiled" in results:
+            speedup["train_vs_compiled_trainer"] = (results["train_compress"]["samples_per_s"]
+                                                    / results["train_trainer_compiled"]["samples_per_s"])
+    if "distill_compress" in results:
+        speedup["distill"] = results["distill_compress"]["samples_per_s"] / results["distill_trainer"]["samples_per_s"]
+        speedup["distill_with_cache"] = (results["distill_compress"]["samples_per_s_with_cache"]
+                                         / results["distill_trainer"]["samples_per_s"])
+    results["speedup"] = speedup
     report = {"benchmark": "trainer_throughput",
               "settings": {"examples": args.examples, "batch_size": args.batch_size, "precision": precision,
                            "max_length": 128, "pad_to_multiple_of": 8, "lr": 5e-5, "epochs": 1,
                            "threads": torch.get_num_threads(), "model": "minilm-l6", "teacher": teacher_dir,
-                           "student_layers": layers, "temperature": 2.0, "alpha": 0.5,
-                           "trainer_sampler": "default (RandomSampler)", "collator": "DataCollatorWithPadding"},
-              "environment": {"cpu": cpu_info(), "python": platform.python_version(), "versions": library_versions()},
+                           "student_layers": layers, "temperature": 2.0, "alpha": 0.5, "compress_compile": args.compile,
+                           "trainer_sampler": "group_by_length=True (LengthGroupedSampler); the default "
+                                              "RandomSampler for reference", "collator": "DataCollatorWithPadding"},
+              "environment": {"cpu": cpu_info(), "python": platform.python_version(), "versions": library_versions(),
+                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
               "results": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "trainer_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -188,13 +228,24 @@ def main() -> None:
 def render(report: dict) -> str:
     """Markdown table from the JSON (never from logs)."""
     r, s = report["results"], report["settings"]
-    rows = [("(a) fine-tune minilm-l6", "compress fit", r["train_compress"]["samples_per_s"], ""),
-            ("", "transformers.Trainer", r["train_trainer"]["samples_per_s"], f"{r['speedup']['train']:.2f}x"),
-            ("(b) logit KD, 2-layer student", "compress (cached teacher logits)", r["distill_compress"]["samples_per_s"],
-             ""),
-            ("", "  same, cache pass included", r["distill_compress"]["samples_per_s_with_cache"], ""),
-            ("", "Trainer subclass, teacher every step", r["distill_trainer"]["samples_per_s"],
-             f"{r['speedup']['distill']:.2f}x ({r['speedup']['distill_with_cache']:.2f}x with cache)")]
+    sp = r["speedup"]
+    rows = []
+    if "train_compress" in r:
+        rows += [("(a) fine-tune minilm-l6", "compress fit" + (", compile on" if s.get("compress_compile") else ""),
+                  r["train_compress"]["samples_per_s"], ""),
+                 ("", "transformers.Trainer, group_by_length=True", r["train_trainer"]["samples_per_s"],
+                  f"**{sp['train']:.2f}x**")]
+        if "train_trainer_compiled" in r:
+            rows.append(("", "transformers.Trainer, group_by_length=True, torch_compile=True",
+                         r["train_trainer_compiled"]["samples_per_s"], f"{sp['train_vs_compiled_trainer']:.2f}x"))
+        rows.append(("", "transformers.Trainer, default sampler", r["train_trainer_random"]["samples_per_s"],
+                     f"{sp['train_vs_default_sampler']:.2f}x"))
+    if "distill_compress" in r:
+        rows += [("(b) logit KD, 2-layer student", "compress (cached teacher logits)",
+                  r["distill_compress"]["samples_per_s"], ""),
+                 ("", "  same, cache pass included", r["distill_compress"]["samples_per_s_with_cache"], ""),
+                 ("", "Trainer subclass, teacher every step, group_by_length=True", r["distill_trainer"]["samples_per_s"],
+                  f"{sp['distill']:.2f}x ({sp['distill_with_cache']:.2f}x with cache)")]
     pe = r["padding_efficiency"]
     lines = ["# Training throughput: compress vs transformers.Trainer", "",
              f"{s['examples']} rt-snippets training examples, one epoch, batch {s['batch_size']}, {s['precision']}, "
@@ -203,12 +254,15 @@ def render(report: dict) -> str:
              "| task | trainer | samples/s | compress speed-up |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c:.1f} | {d} |" for a, b, c, d in rows]
     lines += ["", f"Real tokens among computed tokens: compress length-bucketed batches "
-                  f"{pe['compress_bucketed']:.1%}, Trainer's random batches {pe['trainer_random_sampler']:.1%}."]
-    # The cache pass is paid once per run, not per epoch: what a 3-epoch distillation costs each way.
-    d, t = r["distill_compress"], r["distill_trainer"]
-    ours, theirs = d["cache_seconds"] + 3 * d["seconds"], 3 * t["seconds"]
-    lines += ["", f"Over a 3-epoch distillation (cache pass once, then 3 epochs): compress {ours:.1f} s, the Trainer "
-                  f"subclass {theirs:.1f} s: **{theirs / ours:.2f}x**."]
+                  f"{pe['compress_bucketed']:.1%}, Trainer's group_by_length "
+                  f"{pe.get('trainer_group_by_length', float('nan')):.1%}, its random batches "
+                  f"{pe['trainer_random_sampler']:.1%}."]
+    if "distill_compress" in r:
+        # The cache pass is paid once per run, not per epoch: what a 3-epoch distillation costs each way.
+        d, t = r["distill_compress"], r["distill_trainer"]
+        ours, theirs = d["cache_seconds"] + 3 * d["seconds"], 3 * t["seconds"]
+        lines += ["", f"Over a 3-epoch distillation (cache pass once, then 3 epochs): compress {ours:.1f} s, the "
+                      f"Trainer subclass {theirs:.1f} s: **{theirs / ours:.2f}x**."]
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,8 @@ import textwrap
 COMMANDS = {
     "train": ("compress.train", "TrainConfig", "train", "fine-tune a checkpoint or train a size spec (the teacher)"),
     "distill": ("compress.distill", "DistillConfig", "distill", "distill a teacher into a smaller student"),
-    "eval": ("compress.eval", "EvalConfig", "evaluate", "accuracy and macro-F1 of an artifact on a split"),
+    "eval": ("compress.eval", "EvalConfig", "evaluate", "the task's metrics of an artifact on a split (accuracy, perplexity)"),
+    "generate": ("compress.generate", "GenerateConfig", "generate", "continue a prompt with a causal LM, streaming the text"),
     "export": ("compress.export", "ExportConfig", "export", "export to ONNX with a parity gate; optional graph fusion"),
     "quantize": ("compress.quantize", "QuantizeConfig", "quantize", "int8 / 4-bit / bf16 quantization, accuracy-aware"),
     "bench": ("compress.bench", "BenchConfig", "bench", "accuracy, size, latency, memory of artifacts side by side"),

@@ -23,7 +23,7 @@ from pydantic import Field
 from compress.config import StageConfig
 from compress.errors import UserError
 
-BUILTIN_DATASETS = ("rt-snippets",)
+BUILTIN_DATASETS = ("rt-snippets", "austen")
 SPLITS = ("train", "validation", "test")
 FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -31,13 +31,14 @@ FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", "
 class DataConfig(StageConfig):
     """Where the examples come from and how they are read."""
 
-    dataset: str = Field("rt-snippets", description="built-in name (rt-snippets), a CSV/JSONL/Parquet file, a directory of split files or a save_to_disk directory, or a hub dataset name")
+    dataset: str | None = Field(None, description="built-in name (rt-snippets for classification, austen for causal-lm; the task's one when not given), a CSV/JSONL/Parquet file, a .txt file or directory of them (causal-lm), a directory of split files or a save_to_disk directory, or a hub dataset name")
     text_column: str = Field("text", description="column holding the text")
     text_pair_column: str | None = Field(None, description="second text column, for sentence-pair tasks")
     label_column: str = Field("label", description="column holding the label (int ids or strings)")
-    max_length: int = Field(128, ge=1, le=4096, description="tokens per example after truncation")
+    max_length: int = Field(128, ge=1, le=32768, description="tokens per example after truncation; for causal-lm, the block (window) length")
+    stride: int | None = Field(None, ge=1, description="causal-lm evaluation: a sliding window starts every this many tokens (default: half of --max-length)")
     max_examples: int | None = Field(None, ge=1, description="keep at most this many examples per split (quick runs)")
-    task: Literal["classification"] = Field("classification", description="what the labels mean")
+    task: Literal["classification", "causal-lm"] | None = Field(None, description="what the model learns: classification (labelled examples) or causal-lm (next-token prediction on plain text); default: what the model is (a gpt2/llama spec or causal-LM checkpoint is causal-lm)")
 
 
 @dataclass
@@ -384,7 +385,7 @@ def _data_fingerprint(data: Data) -> str:
 def load_data(cfg: DataConfig) -> Data:
     """Load and standardise the dataset named by `cfg`."""
     _quiet_datasets()
-    if cfg.dataset == "rt-snippets":
+    if cfg.dataset in (None, "rt-snippets"):
         data = load_rt_snippets()
         data.splits = {s: ds.select_columns(["text", "label"]) for s, ds in data.splits.items()}
     else:
@@ -455,9 +456,13 @@ class EncodedSplit:
                                                        else None)
         self.labels = np.asarray(ds["labels"], dtype=np.int64)
         self.lengths = np.asarray([len(x) for x in self.input_ids], dtype=np.int64)
+        self.pad_id = 0  # set by `encode` to the tokenizer's
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def collate(self, idx: np.ndarray, pad_id: int | None = None) -> dict[str, Any]:
+        return collate(self, idx, self.pad_id if pad_id is None else pad_id)
 
 
 def bucketed_batches(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
@@ -513,4 +518,7 @@ def iterate(split: EncodedSplit, batches: list[np.ndarray], pad_id: int) -> Iter
 def encode(data: Data, tokenizer, max_length: int, label_map: list[int] | None = None,
            splits: tuple[str, ...] = SPLITS) -> dict[str, EncodedSplit]:
     """Tokenise the named splits of `data` for one model."""
-    return {s: EncodedSplit(tokenize(data[s], tokenizer, max_length, data.has_pair, label_map)) for s in splits}
+    out = {s: EncodedSplit(tokenize(data[s], tokenizer, max_length, data.has_pair, label_map)) for s in splits}
+    for split in out.values():
+        split.pad_id = tokenizer.pad_token_id or 0
+    return out

@@ -15,6 +15,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,35 @@ class _Checkpoint:
             scaler.load_state_dict(blob["scaler"])
         torch.set_rng_state(blob["rng"])
         return json.loads((self.dir / "state.json").read_text())
+
+
+class _DeferredInterrupt:
+    """Ctrl-C takes effect at the next optimizer-step boundary, where the run's state (weights,
+    optimizer, scheduler, position in the epoch) is consistent and can be checkpointed; a
+    second Ctrl-C stops at once. Only in a single process's main thread: under torchrun the
+    ranks could see the signal at different steps, so there Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and dist.world_size() == 1:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class _StopAtBoundary(Exception):
+    pass
 
 
 def prepare_work_dir(work: Path, resume: bool, force: bool) -> None:
@@ -236,6 +267,9 @@ def fit(model, *, train, cfg: LoopConfig, work: Path, loss_fn: LossFn, evaluate:
     from tqdm.auto import tqdm
 
     stop = False
+    interrupt = _DeferredInterrupt()
+    t0, seen, tokens = time.perf_counter(), 0, 0
+    interrupt.install()
     try:
         while state["epoch"] < epochs and not stop:
             epoch = state["epoch"]
@@ -284,6 +318,8 @@ def fit(model, *, train, cfg: LoopConfig, work: Path, loss_fn: LossFn, evaluate:
                          "loss": dist.mean(float(np.mean(running[-10 * cfg.grad_accum:]))), "lr": scheduler.get_last_lr()[0],
                          "samples_per_s": seen / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9),
                          **parts})
+                if interrupt.requested:
+                    raise _StopAtBoundary
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                     stop = evaluate_now()
                 if state["step"] >= total_steps or stop:
@@ -310,14 +346,25 @@ def fit(model, *, train, cfg: LoopConfig, work: Path, loss_fn: LossFn, evaluate:
             if state["step"] >= total_steps:
                 stop = True
             save_checkpoint()
+    except _StopAtBoundary:
+        state["train_seconds"] += time.perf_counter() - t0
+        state["train_samples"] += seen
+        state["train_tokens"] = state.get("train_tokens", 0) + tokens
+        save_checkpoint()
+        raise UserError(
+            f"Interrupted at step {state['step']}. The run is saved in '{work}'; run the same command "
+            "with --resume to continue."
+        ) from None
     except KeyboardInterrupt:
         if dist.is_main():
-            save_checkpoint()
             raise UserError(
-                f"Interrupted at step {state['step']}. The run is saved in '{work}'; run the same command "
-                "with --resume to continue."
+                f"Stopped at once at step {state['step']}. The last checkpoint in '{work}' is kept (a "
+                "checkpoint written in the middle of a step would not resume exactly); run the same command "
+                "with --resume to continue from it."
             ) from None
         raise
+    finally:
+        interrupt.restore()
 
     if (work / "best.safetensors").is_file():
         dist.barrier()

