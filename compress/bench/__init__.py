@@ -1,8 +1,11 @@
-"""`compress bench`: accuracy, size, latency and memory of artifacts side by side.
+"""`compress bench`: quality, size, latency and memory of artifacts side by side.
 
 Each artifact is loaded through `compress.runners.load_runner` (any backend) and
 measured by `compress.bench.worker`, by default in a fresh process so that its peak
-memory is its own. The raw figures, the environment and a matmul-peak probe go into
+memory is its own. What is timed is the artifact's Task's plan (`Task.bench_plan`):
+padded forward calls for a classifier; prefill, time to first token and cached decode for
+a causal LM (`compress.bench.workloads`). The raw figures, the environment and a
+matmul-peak probe (and a memory-bandwidth probe for decode) go into
 `results.json` (schema: docs/results-schema.md); derived figures (ratios to a baseline,
 roofline, notes) are added by `compress.bench.analysis`; `report.md` and `report.html`
 are rendered from that JSON alone by `compress.bench.report`.
@@ -66,6 +69,20 @@ def parse_artifacts(specs: list[str], baseline: str | None) -> tuple[list[tuple[
     return out, base_name
 
 
+def one_task(artifacts: list[tuple[str, Path]]) -> str:
+    """The task all artifacts share; a mix (a classifier beside an LM) is refused before any work."""
+    from compress.tasks.registry import task_for_artifact
+
+    # Each artifact's own task: `asked` may have been filled in from the first artifact's manifest.
+    tasks = {name: task_for_artifact(path).name for name, path in artifacts}
+    if len(set(tasks.values())) > 1:
+        listed = ", ".join(f"{n} ({t})" for n, t in tasks.items())
+        raise UserError(f"The artifacts are of different tasks: {listed}. One benchmark compares models of one "
+                        "task on one dataset (accuracy and perplexity do not rank together): run compress bench "
+                        "once per task.")
+    return next(iter(tasks.values()))
+
+
 def _run_isolated(job: dict) -> dict:
     """Run the worker in a fresh Python process and return its result (errors re-raised here)."""
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
@@ -116,6 +133,7 @@ def bench(cfg: BenchConfig) -> dict:
     device = resolve_device(cfg.device)
     threads = cfg.threads or os.cpu_count()
     artifacts, base_name = parse_artifacts(cfg.artifacts, cfg.baseline)
+    one_task(artifacts)
     with atomic_output(cfg.out, cfg.force) as tmp:
         env = environment(device, threads)
         peak = None
@@ -129,6 +147,12 @@ def bench(cfg: BenchConfig) -> dict:
             job = {"name": name, "path": str(path), "device": device, "threads": threads,
                    "isolated": cfg.isolate, "config": cfg.model_dump(mode="json")}
             measured.append(_run_isolated(job) if cfg.isolate else measure_artifact(job))
+        if peak is not None and any("decode_weight_bytes" in m for m in measured):
+            from compress.bench.peak import memory_bandwidth
+
+            peak["memory"] = memory_bandwidth(device, threads)
+            _say(cfg, f"memory bandwidth: read {peak['memory']['read_gbs']} GB/s, copy "
+                      f"{peak['memory']['copy_gbs']} GB/s ({peak['memory']['seconds']} s)")
         if cfg.interleave:
             from compress.bench.worker import bench_latency_interleaved
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.bench.flops import flops_per_inference
+from compress.bench.flops import kv_cache_bytes, point_flops
 from compress.bench.schema import metric_info, normalise_artifact, primary_comparison
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
@@ -18,6 +18,12 @@ QUANTIZED = ("int8", "int4")
 # bf16 figure: both are 16-bit tensor-core/AMX paths where they exist.
 PEAK_KEY = {"fp32": "fp32_gflops", "bf16": "bf16_gflops", "fp16": "bf16_gflops", "int8": "int8_gops"}
 SMALL_WORK_TOKENS = 256  # batch*seq at or below which quantize/dequantize overhead dominates
+# Bytes per element of the KV cache: fp32 unless the model computes in 16 bits (the
+# quantized graphs keep fp32 activations and cache).
+CACHE_BYTES = {"bf16": 2, "fp16": 2}
+# Below this share of the measured read bandwidth, a decode step is not bound by reading
+# weights: per-operator and per-call overhead dominate, and fewer weight bytes cannot help.
+MEMORY_BOUND_SHARE = 0.25
 
 
 def artifact_precision(manifest: dict, fmt: str) -> str:
@@ -48,18 +54,45 @@ def artifact_precision(manifest: dict, fmt: str) -> str:
     return "fp32"
 
 
-def point_key(point: dict) -> tuple[int, int]:
-    return point["batch_size"], point["seq_len"]
+def point_kind(point: dict) -> str:
+    """The workload a point timed (compress.bench.workloads); points written before LMs were
+    benchmarked carry none and are `forward`."""
+    return point.get("kind", "forward")
+
+
+def point_key(point: dict) -> tuple[str, int, int]:
+    """What makes two artifacts' points comparable: (kind, batch size, sequence length)."""
+    return point_kind(point), point["batch_size"], point["seq_len"]
 
 
 def headline_point(results: dict) -> tuple[int, int] | None:
-    """The (batch, seq) plotted against quality: the smallest batch at the longest sequence,
-    i.e. online inference on a full-length input."""
+    """(batch, seq) of `headline_key`."""
+    key = headline_key(results)
+    return key[1:] if key else None
+
+
+def headline_key(results: dict) -> tuple[str, int, int] | None:
+    """The point plotted against quality: for LMs, cached decode at the smallest batch (one
+    user's generation speed); else the smallest batch at the longest sequence (online
+    inference on a full-length input). (kind, batch, seq), or None without points."""
     points = {point_key(p) for a in results.get("artifacts", []) for p in a.get("latency", [])}
     if not points:
         return None
-    batch = min(b for b, _ in points)
-    return batch, max(s for b, s in points if b == batch)
+    kind = "decode" if any(k == "decode" for k, _, _ in points) else "forward"
+    of_kind = {(b, s) for k, b, s in points if k == kind}
+    if not of_kind:
+        return None
+    batch = min(b for b, _ in of_kind)
+    if kind == "decode":
+        return kind, batch, min(s for b, s in of_kind if b == batch)
+    return kind, batch, max(s for b, s in of_kind if b == batch)
+
+
+def headline_speed(point: dict) -> float:
+    """The x value of the quality plot: decode tokens/s for a decode point, else p50 ms."""
+    if point_kind(point) == "decode":
+        return point.get("tokens_per_s") or point["batch_size"] / (point["p50_ms"] / 1e3)
+    return point["p50_ms"]
 
 
 def pareto_front(items: list[tuple[float, float]], higher_is_better: bool = True) -> list[bool]:
@@ -126,14 +159,19 @@ def derive(results: dict) -> dict:
     base = by_name.get(results.get("baseline"))
     for art in artifacts:
         normalise_artifact(art)  # a hand-built or schema-1 artifact: its quality block from accuracy
+    bandwidth = (peak.get("memory") or {}).get("read_gbs")
     for art in artifacts:
         peak_value = peak.get(PEAK_KEY.get(art["precision"], ""))
         for p in art["latency"]:
-            flops = flops_per_inference(art.get("arch"), p["batch_size"], p["seq_len"])
+            flops = point_flops(art.get("arch"), p)
             achieved = flops / (p["p50_ms"] / 1e3) / 1e9 if flops and p["p50_ms"] > 0 else None
             p["flops"] = flops
             p["achieved_gflops"] = round(achieved, 2) if achieved is not None else None
-            p["roofline"] = round(achieved / peak_value, 4) if achieved and peak_value else None
+            # Decode is held against memory bandwidth (below), prefill and forward against the matmul peak.
+            compute_bound = point_kind(p) != "decode"
+            p["roofline"] = round(achieved / peak_value, 4) if achieved and peak_value and compute_bound else None
+            if point_kind(p) == "decode":
+                _bandwidth_roofline(art, p, bandwidth)
         art["parent_name"] = _find_parent(art, artifacts)
         if base is not None:
             base_points = {point_key(p): p for p in base["latency"]}
@@ -152,6 +190,18 @@ def derive(results: dict) -> dict:
     return results
 
 
+def _bandwidth_roofline(art: dict, p: dict, bandwidth: float | None) -> None:
+    """A decode point's bytes read per step (weights once, every sequence's KV cache) and the
+    share of the measured read bandwidth that reading them at the p50 step time takes."""
+    weights = art.get("decode_weight_bytes")
+    kv = kv_cache_bytes(art.get("arch"), p, CACHE_BYTES.get(art.get("precision"), 4))
+    step = weights + (kv or 0) if weights else None
+    achieved = step / (p["p50_ms"] / 1e3) / 1e9 if step and p["p50_ms"] > 0 else None
+    p["bytes_per_step"] = step
+    p["achieved_gbs"] = round(achieved, 2) if achieved is not None else None
+    p["bandwidth_roofline"] = round(achieved / bandwidth, 4) if achieved and bandwidth else None
+
+
 # --------------------------------------------------------------------------- honesty notes
 
 def _within_noise(p: dict, ref: dict) -> bool:
@@ -163,14 +213,73 @@ def _within_noise(p: dict, ref: dict) -> bool:
 
 
 def _fmt_point(p: dict) -> str:
-    return f"b={p['batch_size']} s={p['seq_len']}"
+    kind = point_kind(p)
+    if kind == "forward":
+        return f"b={p['batch_size']} s={p['seq_len']}"
+    if kind == "decode":
+        return f"decode b={p['batch_size']} (context {p['seq_len']})"
+    return f"{'TTFT' if kind == 'ttft' else 'prefill'} b={p['batch_size']} s={p['seq_len']}"
 
 
-def _slow_reasons(art: dict, slow: list[tuple[dict, dict]], env: dict) -> list[str]:
+def _work_tokens(p: dict) -> int:
+    """Tokens one call pushes through the model: a decode step feeds one per sequence."""
+    return p["batch_size"] * (1 if point_kind(p) == "decode" else p["seq_len"])
+
+
+def _accuracy_level(art: dict) -> int | None:
+    """The MatMulNBits accuracy level the artifact runs with: the one its quantize stage chose,
+    else the one its settings name (None: unset or unknown)."""
+    q = art.get("quantization") or {}
+    for value in (q.get("accuracy_level"), (q.get("settings") or {}).get("accuracy_level")):
+        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+            return int(value)
+    return None
+
+
+def _is_matmul_nbits(art: dict) -> bool:
+    q = art.get("quantization") or {}
+    words = " ".join(str(x) for x in (q.get("method"), *(q.get("settings") or {}).keys())).lower()
+    return (art["format"].startswith("onnx") and art["precision"] == "int4") or "nbits" in words \
+        or "accuracy_level" in words
+
+
+def _decode_reasons(art: dict, slow: list[tuple[dict, dict]], ref: dict, isa: set) -> list[str]:
+    """Why a quantized LM decodes no faster: evidence from the parent's bandwidth roofline."""
+    reasons = []
+    decode = [(p, r) for p, r in slow if point_kind(p) == "decode"]
+    if not decode:
+        return reasons
+    share = [r.get("bandwidth_roofline") for _, r in decode if r.get("bandwidth_roofline") is not None]
+    mib = (ref.get("decode_weight_bytes") or 0) / 2**20
+    if share and max(share) > 1:
+        reasons.append(f"{ref['name']}'s weights ({mib:.1f} MiB) are read faster than main memory allows "
+                       f"({max(share):.1f}x the measured bandwidth): they sit in the CPU's caches, so shrinking "
+                       "them saves no memory traffic")
+    elif share and max(share) < MEMORY_BOUND_SHARE:
+        reasons.append(f"{ref['name']}'s decode steps read their weights at only {max(share):.0%} of the measured "
+                       "memory bandwidth, so decode is bound by per-operator and per-call overhead, not by "
+                       "memory: fewer weight bytes cannot make a step faster, and every quantized operator "
+                       "adds work of its own")
+    return reasons
+
+
+def _nbits_reasons(art: dict, isa: set) -> list[str]:
+    level = _accuracy_level(art)
+    if level in (None, 0, 1):
+        return [f"MatMulNBits ran with accuracy_level {level if level is not None else 'unset'}: it unpacks "
+                "the 4-bit weights to fp32 blocks and multiplies in fp32, so it reads fewer bytes but does "
+                "more work per weight; only a model whose decode is bound by memory bandwidth gains"]
+    if level == 4 and not isa & {"AVX512-VNNI", "AVX-VNNI", "AMX-INT8"}:
+        return ["MatMulNBits ran with accuracy_level 4 (int8 activations), but this CPU has no VNNI or AMX "
+                "int8 instructions to make that path fast"]
+    return []
+
+
+def _slow_reasons(art: dict, slow: list[tuple[dict, dict]], env: dict, ref: dict | None = None) -> list[str]:
     """Likely causes of an int8/int4 artifact being slower, from what the results show."""
     isa = set((env.get("cpu") or {}).get("isa") or [])
     on_cpu = not str(art.get("device", "cpu")).startswith("cuda")
-    if art["format"] == "bnb" or (art["precision"] == "int4" and on_cpu):
+    if art["format"].startswith("bnb") or (art["precision"] == "int4" and on_cpu and not _is_matmul_nbits(art)):
         # The dominant cause; the others would only distract from it.
         if on_cpu:
             return ["bitsandbytes layers on the CPU turn their weights back into floating point on every call: "
@@ -185,8 +294,12 @@ def _slow_reasons(art: dict, slow: list[tuple[dict, dict]], env: dict) -> list[s
     if art["precision"] == "int8" and on_cpu and not isa & {"AVX512-VNNI", "AVX-VNNI", "AMX-INT8"}:
         reasons.append("this CPU has no VNNI or AMX int8 instructions, so int8 matrix products are no "
                        "faster than fp32 ones here")
-    small = [p for p, _ in slow if p["batch_size"] * p["seq_len"] <= SMALL_WORK_TOKENS]
-    if small:
+    if _is_matmul_nbits(art):
+        reasons += _nbits_reasons(art, isa)
+    if ref is not None:
+        reasons += _decode_reasons(art, slow, ref, isa)
+    small = [p for p, _ in slow if _work_tokens(p) <= SMALL_WORK_TOKENS]
+    if small and (art["precision"] == "int8" or _accuracy_level(art) == 4):
         reasons.append(f"at small inputs ({', '.join(_fmt_point(p) for p in small)}) the cost of quantizing "
                        "activations and converting results back on every call outweighs the faster int8 "
                        "arithmetic")
@@ -223,7 +336,7 @@ def notes(results: dict) -> list[dict]:
         where = ", ".join(f"{_fmt_point(p)} ({p['p50_ms'] / r['p50_ms']:.2f}x the latency)" for p, r in slow)
         relation = "its parent" if ref["name"] == art.get("parent_name") else "the baseline"
         text = (f"{art['name']} ({art['precision']}) is slower than {relation} {ref['name']} at {where}. "
-                f"Likely: " + "; ".join(_slow_reasons(art, slow, env)) + ".")
+                f"Likely: " + "; ".join(_slow_reasons(art, slow, env, ref)) + ".")
         out.append({"artifact": art["name"], "kind": "quantized-slower", "text": text})
 
     for art in artifacts:

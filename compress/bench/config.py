@@ -12,15 +12,19 @@ from compress.data import DataConfig
 
 
 class BenchConfig(RuntimeConfig, DataConfig):
-    """Benchmark artifacts on one dataset split and a grid of (batch size, sequence length)."""
+    """Benchmark artifacts on one dataset split: a grid of (batch size, sequence length) for
+    classifiers; prefill, time to first token and cached decode for causal LMs."""
 
     positional = ("artifacts",)
 
     artifacts: list[str] = Field(..., min_length=1, description="artifact directories to measure; name=path sets the display name")
     out: str = Field(..., description="output directory for results.json, report.md and report.html")
     baseline: str | None = Field(None, description="artifact (name or path) every figure is compared with; added to the list if absent")
-    batch_sizes: list[int] = Field([1, 32], description="batch sizes to time, comma-separated")
-    seq_lens: list[int] = Field([32, 128], description="sequence lengths to time (real texts padded/truncated to exactly this)")
+    batch_sizes: list[int] = Field([1, 32], description="classifiers: batch sizes to time, comma-separated")
+    seq_lens: list[int] = Field([32, 128], description="classifiers: sequence lengths to time (real texts padded/truncated to exactly this)")
+    prompt_lens: list[int] = Field([128, 512], description="causal LMs: prompt lengths (real test text) of the prefill and time-to-first-token points, capped at the model's positions; decode starts from a prompt of the first")
+    decode_batch_sizes: list[int] = Field([1, 8], description="causal LMs: batch sizes of the cached decode points")
+    new_tokens: int = Field(32, ge=1, description="causal LMs: decode steps per timed run (each step is one sample)")
     split: Literal["test", "validation"] = Field("test", description="split that accuracy is measured on and texts are taken from")
     warmup: int = Field(3, ge=0, description="untimed calls before each latency point")
     budget_s: float = Field(3.0, gt=0, description="seconds of timed calls per latency point at most")
@@ -31,7 +35,7 @@ class BenchConfig(RuntimeConfig, DataConfig):
     peak_probe: bool = Field(True, description="measure fp32/bf16/int8 matmul peaks first (~1-2 s) for the roofline ratios")
     progress: bool = Field(True, description="print one line per artifact to stderr")
 
-    @field_validator("batch_sizes", "seq_lens")
+    @field_validator("batch_sizes", "seq_lens", "prompt_lens", "decode_batch_sizes")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         if not v or any(x < 1 for x in v):

@@ -148,33 +148,70 @@ def interleaved_latency(fns: dict[str, Callable[[], object]], *, warmup: int = 3
     Returns:
         {name: the same dict as `latency`}.
     """
-    names = list(fns)
+    samplers = {name: (lambda fn=fn: [timer(fn)]) for name, fn in fns.items()}
+    return interleaved_samples(samplers, untimed=fns, warmup=warmup, budget_s=budget_s, min_iters=min_iters,
+                               max_iters=max_iters, target_rel=target_rel, settle=settle, settle_s=settle_s,
+                               block=block)
+
+
+Sampler = Callable[[], list[float]]  # one call: one or more timed durations, in seconds
+
+
+def interleaved_samples(samplers: dict[str, Sampler], *, untimed: dict[str, Callable[[], object]] | None = None,
+                        warmup: int = 3, budget_s: float = 3.0, min_iters: int = 10, max_iters: int = 10_000,
+                        target_rel: float = 0.02, settle: int = 1, settle_s: float = 0.05,
+                        block: int = 4) -> dict[str, dict]:
+    """`interleaved_latency` for samplers: callables that time their own work and return the durations.
+
+    A sampler may return several samples per call: a decode run times each of its steps
+    after an untimed prefill (`compress.bench.workloads`). Rounds, rotation, the untimed
+    settling calls before each block and the stopping rule are those of `interleaved_latency`,
+    counted in samples: the interval is checked once every callable has `min_iters` samples,
+    and the budget is `budget_s` seconds of timed work per callable.
+
+    Args:
+        samplers: {name: sampler}.
+        untimed: {name: the same work untimed} for warm-up and settling; default the samplers.
+        block: sampler calls per callable per round.
+
+    Returns:
+        {name: the same dict as `latency`}, `iters` counting samples.
+    """
+    names = list(samplers)
+    plain = untimed or samplers
     for name in names:
         for _ in range(warmup):
-            fns[name]()
+            plain[name]()
     times: dict[str, list[float]] = {n: [] for n in names}
     spent, rounds = 0.0, 0
     next_check = max(MIN_CI_SAMPLES, min_iters)
-    while rounds * block < max_iters:
+    while min(len(v) for v in times.values()) < max_iters:
         order = names[rounds % len(names):] + names[:rounds % len(names)]
         for name in order:
             start, calls = time.perf_counter(), 0
             while calls < settle or (calls and time.perf_counter() - start < settle_s):
-                fns[name]()
+                plain[name]()
                 calls += 1
             for _ in range(block):
-                t = timer(fns[name])
-                times[name].append(t)
-                spent += t
+                got = samplers[name]()
+                times[name].extend(got)
+                spent += sum(got)
         rounds += 1
-        n = rounds * block
+        n = min(len(v) for v in times.values())
         if n >= next_check:
             if all(median_ci_rel(v) <= target_rel for v in times.values()):
                 break
             next_check = n + max(1, n // 10)
-        if spent >= budget_s * len(names) and rounds * block >= 3:
+        if spent >= budget_s * len(names) and n >= 3:
             break
     return {n: summarize(v, target_rel) for n, v in times.items()}
+
+
+def sampled_latency(sampler: Sampler, *, warmup: int = 3, budget_s: float = 3.0, min_iters: int = 10,
+                    max_iters: int = 10_000, target_rel: float = 0.02) -> dict:
+    """`latency` for one sampler (see `interleaved_samples`): the same stopping rule, in samples."""
+    return interleaved_samples({"one": sampler}, warmup=warmup, budget_s=budget_s, min_iters=min_iters,
+                               max_iters=max_iters, target_rel=target_rel, settle=0, settle_s=0.0, block=1)["one"]
 
 
 def make_batch(tokenizer, texts: Sequence[str] | Sequence[tuple[str, str]], batch_size: int,

@@ -101,3 +101,36 @@ def matmul_peak(device: str = "cpu", threads: int | None = None, budget_s: float
         "int8_gops": max(int8) if int8 else None, "kernels": kernels,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+# Bytes of the bandwidth probe's buffer: far beyond any CPU's last-level cache (tens of MiB on
+# the CPUs we meet), so the rate is that of main memory; on a GPU, of its HBM.
+BANDWIDTH_BYTES = 256 * 2**20
+
+
+def memory_bandwidth(device: str = "cpu", threads: int | None = None, budget_s: float = 0.3,
+                     n_bytes: int = BANDWIDTH_BYTES) -> dict:
+    """Main-memory bandwidth as a cached decode step meets it: a large buffer read once.
+
+    `read_gbs` times a sum over an fp32 buffer (reads only; the arithmetic is trivial, so it
+    is bound by memory), which is what reading a model's weights for one decode step is.
+    `copy_gbs` times a copy into a second buffer and counts the bytes read plus written.
+    Both use torch with the benchmark's thread count, best rate over `budget_s` each.
+
+    Returns:
+        {device, bytes, threads, read_gbs, copy_gbs, seconds}: GB/s (1e9 bytes per second).
+    """
+    import torch
+
+    start = time.perf_counter()
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    n = n_bytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    read = _rate(lambda: src.sum(), float(n_bytes), budget_s, sync)
+    copy = _rate(lambda: dst.copy_(src), 2.0 * n_bytes, budget_s, sync)
+    return {"device": device, "bytes": n_bytes, "threads": torch.get_num_threads() if device == "cpu" else None,
+            "read_gbs": round(read / 1e9, 2), "copy_gbs": round(copy / 1e9, 2),
+            "seconds": round(time.perf_counter() - start, 2)}

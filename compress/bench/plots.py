@@ -1,7 +1,7 @@
 """Inline SVG plots for report.html: no JavaScript, no external files, deterministic text.
 
-Two plots: the primary quality metric (accuracy, perplexity, ...) against latency with
-the Pareto front marked, and size per artifact. Both are strings of SVG that the HTML embeds as they are.
+Two plots: the primary quality metric (accuracy, perplexity, ...) against latency (or, for
+causal LMs, decode tokens/s) with the Pareto front marked, and size per artifact. Both are strings of SVG that the HTML embeds as they are.
 """
 
 from __future__ import annotations
@@ -74,12 +74,14 @@ def _free_label_y(placed: list[tuple[float, float, float, float]], x: float, y: 
 
 
 def scatter(items: list[dict], *, title: str, x_label: str, y_label: str, width: int = 560,
-            height: int = 400, log_y_allowed: bool = False) -> str:
-    """Quality-vs-latency scatter. items: {name, x, y, colour, front (bool)}.
+            height: int = 400, log_y_allowed: bool = False, x_higher_is_better: bool = False) -> str:
+    """Quality-vs-speed scatter. items: {name, x, y, colour, front (bool)}.
 
     Points on the Pareto front are drawn as filled diamonds and joined by a dashed step
     line; the others as hollow circles. With `log_y_allowed`, a y range spanning a decade
-    or more gets a log axis (perplexities of an untrained and a trained model).
+    or more gets a log axis (perplexities of an untrained and a trained model). x is a
+    latency (lower is better) unless `x_higher_is_better` (tokens/s): the step line then
+    turns the other way, so that it never claims a quality at a speed no artifact reaches.
     """
     left, right, top, bottom = 64, 24, 40, 56  # room for tick and axis labels
     pw, ph = width - left - right, height - top - bottom
@@ -133,7 +135,12 @@ def scatter(items: list[dict], *, title: str, x_label: str, y_label: str, width:
         # A step line: from each front point, quality holds until the next (slower, better) one.
         path = [f"M{_num(sx(front[0]['x']))},{_num(sy(front[0]['y']))}"]
         for a, b in zip(front, front[1:]):
-            path.append(f"H{_num(sx(b['x']))}V{_num(sy(b['y']))}")
+            # Left to right: with latency on x the next point is slower and better (hold the
+            # quality, then step); with tokens/s it is faster and worse (step, then hold).
+            if x_higher_is_better:
+                path.append(f"V{_num(sy(b['y']))}H{_num(sx(b['x']))}")
+            else:
+                path.append(f"H{_num(sx(b['x']))}V{_num(sy(b['y']))}")
         out.append(f'<path class="pareto-front" d="{"".join(path)}" fill="none" stroke="#444" '
                    f'stroke-width="1.5" stroke-dasharray="5 4"/>')
     # Labels avoid each other and every marker.

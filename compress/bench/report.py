@@ -18,7 +18,7 @@ from pydantic import Field
 
 from compress.artifacts import atomic_write, make_dir
 from compress.bench import plots
-from compress.bench.analysis import headline_point, pareto_front, point_key
+from compress.bench.analysis import headline_key, headline_speed, pareto_front, point_key, point_kind
 from compress.bench.schema import READABLE_VERSIONS, SCHEMA_VERSION, metric_info, normalise, report_primary
 from compress.config import StageConfig
 from compress.errors import UserError
@@ -94,8 +94,9 @@ def _primary_values(results: dict) -> list[tuple[dict, float]]:
 
 
 def _on_front(results: dict) -> dict[str, bool]:
-    """Which artifacts are on the quality/latency Pareto front at the headline point."""
-    head = headline_point(results)
+    """Which artifacts are on the quality/latency Pareto front at the headline point (for a
+    decode point, per-token latency: the same order as tokens/s reversed)."""
+    head = headline_key(results)
     primary = report_primary(results)
     items, names = [], []
     for a, value in _primary_values(results):
@@ -104,6 +105,14 @@ def _on_front(results: dict) -> dict[str, bool]:
             items.append((p["p50_ms"], value))
             names.append(a["name"])
     return dict(zip(names, pareto_front(items, primary[1] if primary else True)))
+
+
+def _point_words(key: tuple) -> str:
+    """A headline point in words, for the summary and the plot's axis."""
+    kind, b, s = key
+    if kind == "decode":
+        return f"cached decode at batch {b}, context {s}"
+    return f"batch {b}, sequence {s}"
 
 
 def _metric_names(results: dict) -> list[str]:
@@ -155,9 +164,12 @@ def models_table(results: dict) -> Table:
 
 
 def latency_table(results: dict) -> Table:
+    """The forward points (classifiers): one row per artifact and (batch, sequence)."""
     rows = []
     for a in results["artifacts"]:
         for p in a["latency"]:
+            if point_kind(p) != "forward":
+                continue
             rows.append([a["name"], str(p["batch_size"]), str(p["seq_len"]), _f(p["p50_ms"], 3), _f(p["p90_ms"], 3),
                          _f(p["p99_ms"], 3), _f(p["mean_ms"], 3), _ci(p.get("ci95_rel")), str(p["iters"]),
                          _f(p.get("throughput_sps"), 1), _f(p.get("achieved_gflops"), 1),
@@ -168,11 +180,75 @@ def latency_table(results: dict) -> Table:
     return headers, rows, "lrrrrrrrrrrrr"
 
 
+def has_forward(results: dict) -> bool:
+    return any(point_kind(p) == "forward" for a in results["artifacts"] for p in a["latency"])
+
+
+def _length(p: dict) -> str:
+    s = str(p["seq_len"])
+    return f"{s} (asked {p['capped_from']})" if p.get("capped_from") else s
+
+
+def prompt_table(results: dict) -> Table | None:
+    """Prefill and time to first token (LMs): latency of a prompt, prompt tokens/s, share of the matmul peak."""
+    rows = []
+    for kind in ("prefill", "ttft"):
+        for a in results["artifacts"]:
+            for p in a["latency"]:
+                if point_kind(p) != kind:
+                    continue
+                rows.append([a["name"], "prefill" if kind == "prefill" else "time to first token",
+                             str(p["batch_size"]), _length(p), _f(p["p50_ms"], 3), _f(p["p90_ms"], 3),
+                             _f(p["p99_ms"], 3), _ci(p.get("ci95_rel")), str(p["iters"]),
+                             _f(p.get("tokens_per_s"), 0), _f(p.get("achieved_gflops"), 1),
+                             _f(None if p.get("roofline") is None else p["roofline"] * 100, 1),
+                             _times(p.get("speedup_vs_baseline"))])
+    if not rows:
+        return None
+    headers = ["Artifact", "What", "Batch", "Prompt tokens", "p50 ms", "p90 ms", "p99 ms", "CI95 of p50", "Iters",
+               "Prompt tokens/s", "GFLOP/s", "% of matmul peak", "Speed-up"]
+    return headers, rows, "llrrrrrrrrrrr"
+
+
+def decode_table(results: dict) -> Table | None:
+    """Cached decode (LMs): per-token latency, tokens/s, bytes read per step against the bandwidth."""
+    rows = []
+    for a in results["artifacts"]:
+        for p in a["latency"]:
+            if point_kind(p) != "decode":
+                continue
+            step = p.get("bytes_per_step")
+            rows.append([a["name"], str(p["batch_size"]), _length(p), str(p.get("new_tokens", "–")),
+                         _f(p["p50_ms"], 3), _f(p["p90_ms"], 3), _f(p["p99_ms"], 3), _ci(p.get("ci95_rel")),
+                         str(p["iters"]), _f(p.get("tokens_per_s"), 1),
+                         _mib(step), _f(p.get("achieved_gbs"), 1),
+                         _f(None if p.get("bandwidth_roofline") is None else p["bandwidth_roofline"] * 100, 1),
+                         _times(p.get("speedup_vs_baseline"))])
+    if not rows:
+        return None
+    headers = ["Artifact", "Batch", "Context", "New tokens", "p50 ms/token", "p90 ms/token", "p99 ms/token",
+               "CI95 of p50", "Tokens timed", "Tokens/s", "MiB read/step", "GB/s", "% of bandwidth", "Speed-up"]
+    return headers, rows, "lrrrrrrrrrrrrr"
+
+
+def _speedup_header(key: tuple) -> str:
+    kind, b, s = key
+    if kind == "forward":
+        return f"Speed-up b{b} s{s}"
+    if kind == "decode":
+        return f"Speed-up decode b{b}"
+    return f"Speed-up {'TTFT' if kind == 'ttft' else 'prefill'} s{s}"
+
+
+KIND_ORDER = {"forward": 0, "prefill": 1, "ttft": 2, "decode": 3}
+
+
 def baseline_table(results: dict) -> Table | None:
     base = results.get("baseline")
     if not base:
         return None
-    keys = sorted({point_key(p) for a in results["artifacts"] for p in a["latency"]})
+    keys = sorted({point_key(p) for a in results["artifacts"] for p in a["latency"]},
+                  key=lambda k: (KIND_ORDER.get(k[0], 9), k[1], k[2]))
     # Fraction metrics (accuracy) compare as differences in points; any other primary metric
     # (perplexity) as a ratio and a relative change.
     pts = [m for m in _metric_names(results) if metric_info(m).fraction]
@@ -191,7 +267,7 @@ def baseline_table(results: dict) -> Table | None:
     label = metric_info(ratio_of).label if ratio_of else ""
     headers = (["Artifact", *(f"Δ {metric_info(m).label} pts" for m in pts)]
                + ([f"{label[:1].upper() + label[1:]} ratio", f"Δ {label} %"] if ratio_of else [])
-               + ["Size ratio", "Params ratio", "Memory ratio"] + [f"Speed-up b{b} s{s}" for b, s in keys])
+               + ["Size ratio", "Params ratio", "Memory ratio"] + [_speedup_header(k) for k in keys])
     return headers, rows, "l" + "r" * (len(headers) - 1)
 
 
@@ -201,6 +277,15 @@ def peak_table(results: dict) -> Table | None:
         return None
     rows = [[k, _f(v, 1)] for k, v in sorted(peak["kernels"].items())]
     return ["Kernel", "GFLOP/s (GOP/s for int8)"], rows, "lr"
+
+
+def bandwidth_table(results: dict) -> Table | None:
+    memory = (results.get("peak") or {}).get("memory")
+    if not memory:
+        return None
+    rows = [["read (sum of an fp32 buffer)", _f(memory.get("read_gbs"), 1)],
+            ["copy (bytes read + written)", _f(memory.get("copy_gbs"), 1)]]
+    return [f"Probe ({_mib(memory.get('bytes'))} MiB buffer)", "GB/s"], rows, "lr"
 
 
 def environment_items(results: dict) -> list[tuple[str, str]]:
@@ -240,7 +325,7 @@ def memory_method(results: dict) -> str:
 def _summary(results: dict) -> list[str]:
     ds = results.get("dataset") or {}
     counts = "".join(f"{v} {metric_info(k).count}, " for k, v in _shared_counts(results).items())
-    head = headline_point(results)
+    head = headline_key(results)
     primary = report_primary(results)
     label = _primary_label(results)
     version = results.get("read_from_schema_version", results.get("schema_version"))
@@ -256,14 +341,28 @@ def _summary(results: dict) -> list[str]:
                      f"artifact / baseline; {quality}")
     if head:
         direction = "" if not primary or primary[1] else f"; lower {label} is better"
-        lines.append(f"The Pareto front is taken at batch {head[0]}, sequence {head[1]} "
-                     f"({label} against p50 latency{direction}).")
+        against = "decode tokens/s" if head[0] == "decode" else "p50 latency"
+        lines.append(f"The Pareto front is taken at {_point_words(head)} "
+                     f"({label} against {against}{direction}).")
     return lines
 
 
 def _models_heading(results: dict) -> str:
     label = _primary_label(results)
     return f"{label[:1].upper() + label[1:]}, size and memory"
+
+
+PROMPT_NOTE = ("Prefill = one forward pass over the prompt that fills the KV cache (real test text, the "
+               "artifact's tokenizer). Time to first token = the prefill, the greedy choice of the first new "
+               "token and the first cached decode step that feeds it back. GFLOP/s = FLOPs of the call "
+               "(docs/results-schema.md) / p50; % of matmul peak compares it with the peak of the artifact's "
+               "precision measured at the start of the run.")
+DECODE_NOTE = ("Each sample is one cached decode step (and the greedy choice of the next token) of a run of "
+               "New tokens steps after the prompt; Tokens/s = batch / p50. MiB read/step = the weights one "
+               "step reads (embedding tables that are only looked up left out) plus every sequence's KV cache "
+               "at the run's mean context; % of bandwidth compares that traffic at the p50 with the read "
+               "bandwidth measured at the start of the run. Above 100 % the weights are served from the CPU's "
+               "caches.")
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -289,10 +388,16 @@ def render_markdown(results: dict) -> str:
     """report.md for a results dict of any readable schema version."""
     results = normalise(results)
     parts = ["# Benchmark report", "", *_summary(results), "", f"## {_models_heading(results)}", "",
-             md_table(models_table(results)), "", memory_method(results), "",
-             "## Latency", "", md_table(latency_table(results)), "",
-             "GFLOP/s = FLOPs per inference (docs/results-schema.md) / p50; % of peak compares it with the "
-             "matmul peak of the artifact's precision measured at the start of the run.", ""]
+             md_table(models_table(results)), "", memory_method(results), ""]
+    if has_forward(results):
+        parts += ["## Latency", "", md_table(latency_table(results)), "",
+                  "GFLOP/s = FLOPs per inference (docs/results-schema.md) / p50; % of peak compares it with the "
+                  "matmul peak of the artifact's precision measured at the start of the run.", ""]
+    prompt, decode = prompt_table(results), decode_table(results)
+    if prompt:
+        parts += ["## Prefill and time to first token", "", md_table(prompt), "", PROMPT_NOTE, ""]
+    if decode:
+        parts += ["## Decode with the KV cache", "", md_table(decode), "", DECODE_NOTE, ""]
     base = baseline_table(results)
     if base:
         parts += [f"## Compared with the baseline ({results['baseline']})", "", md_table(base), ""]
@@ -303,6 +408,9 @@ def render_markdown(results: dict) -> str:
     peak = peak_table(results)
     if peak:
         parts += ["## Matmul peak", "", md_table(peak), ""]
+    bandwidth = bandwidth_table(results)
+    if bandwidth:
+        parts += ["## Memory bandwidth", "", md_table(bandwidth), ""]
     parts += ["## Environment", ""]
     parts += [f"- **{k}**: {v}" for k, v in environment_items(results)]
     return "\n".join(parts) + "\n"
@@ -337,7 +445,8 @@ def html_table(table: Table) -> str:
 
 
 def _plots(results: dict) -> str:
-    head = headline_point(results)
+    head = headline_key(results)
+    decode = bool(head) and head[0] == "decode"
     front = _on_front(results)
     primary = report_primary(results)
     name, higher = primary if primary else ("accuracy", True)
@@ -348,17 +457,20 @@ def _plots(results: dict) -> str:
         p = next((p for p in a["latency"] if point_key(p) == head), None)
         if p is not None and a["name"] in ranked:
             y = ranked[a["name"]] * 100 if info.fraction else ranked[a["name"]]
-            scatter_items.append({"name": a["name"], "x": p["p50_ms"], "y": y,
+            scatter_items.append({"name": a["name"], "x": headline_speed(p), "y": y,
                                   "colour": plots.colour(i), "front": front.get(a["name"], False)})
         bar_items.append({"name": a["name"], "value": None if a.get("size_bytes") is None else a["size_bytes"] / 2**20,
                           "colour": plots.colour(i)})
-    where = f"batch {head[0]}, sequence {head[1]}" if head else "no latency point"
-    title = f"{info.label[:1].upper() + info.label[1:]} vs latency"
+    where = _point_words(head) if head else "no latency point"
+    speed = "decode speed" if decode else "latency"
+    title = f"{info.label[:1].upper() + info.label[1:]} vs {speed}"
     y_label = f"{info.label}, %" if info.fraction else f"{info.label} ({'higher' if higher else 'lower'} is better)"
-    scatter = plots.scatter(scatter_items, title=title, x_label=f"p50 latency, ms ({where})", y_label=y_label,
-                            log_y_allowed=not info.fraction)
+    x_label = f"tokens/s ({where})" if decode else f"p50 latency, ms ({where})"
+    scatter = plots.scatter(scatter_items, title=title, x_label=x_label, y_label=y_label,
+                            log_y_allowed=not info.fraction, x_higher_is_better=decode)
     size = plots.bars(bar_items, title="Size on disk", unit="MiB")
-    where_better = "Up and to the left" if higher else "Down and to the left"
+    side = "right" if decode else "left"
+    where_better = f"Up and to the {side}" if higher else f"Down and to the {side}"
     as_good = ("at least as accurate" if name == "accuracy" else
                f"at least as {'high' if higher else 'low'} in {info.label}")
     return ('<div class="plots">'
@@ -374,10 +486,17 @@ def render_html(results: dict) -> str:
     body = ["<h1>Benchmark report</h1>"]
     body += [f'<p class="summary">{escape(line).replace("`", "")}</p>' for line in _summary(results)]
     body += [_plots(results), f"<h2>{escape(_models_heading(results))}</h2>", html_table(models_table(results)),
-             f'<p class="muted">{escape(memory_method(results))}</p>',
-             "<h2>Latency</h2>", html_table(latency_table(results)),
-             '<p class="muted">GFLOP/s = FLOPs per inference / p50; % of peak compares it with the matmul peak of '
-             "the artifact's precision measured at the start of the run.</p>"]
+             f'<p class="muted">{escape(memory_method(results))}</p>']
+    if has_forward(results):
+        body += ["<h2>Latency</h2>", html_table(latency_table(results)),
+                 '<p class="muted">GFLOP/s = FLOPs per inference / p50; % of peak compares it with the matmul peak '
+                 "of the artifact's precision measured at the start of the run.</p>"]
+    prompt, decode = prompt_table(results), decode_table(results)
+    if prompt:
+        body += ["<h2>Prefill and time to first token</h2>", html_table(prompt),
+                 f'<p class="muted">{escape(PROMPT_NOTE)}</p>']
+    if decode:
+        body += ["<h2>Decode with the KV cache</h2>", html_table(decode), f'<p class="muted">{escape(DECODE_NOTE)}</p>']
     base = baseline_table(results)
     if base:
         body += [f"<h2>Compared with the baseline ({escape(results['baseline'])})</h2>", html_table(base)]
@@ -387,6 +506,9 @@ def render_html(results: dict) -> str:
     peak = peak_table(results)
     if peak:
         body += ["<h2>Matmul peak</h2>", html_table(peak)]
+    bandwidth = bandwidth_table(results)
+    if bandwidth:
+        body += ["<h2>Memory bandwidth</h2>", html_table(bandwidth)]
     body += ['<h2>Environment</h2><dl class="env">'
              + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in environment_items(results)) + "</dl>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

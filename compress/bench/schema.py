@@ -19,9 +19,16 @@ from dataclasses import dataclass
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
-# What each task ranks artifacts by. compress.tasks owns these once it lands; callers
-# may pass the Task's own primary metric and direction to `quality_block` instead.
-TASK_PRIMARY = {"classification": ("accuracy", True), "causal-lm": ("perplexity", False)}
+
+def task_primary(task: str) -> tuple[str | None, bool | None]:
+    """(primary metric, higher_is_better) of a task, as its Task object (compress.tasks) says;
+    (None, None) for a task this compress does not know."""
+    from compress.tasks.registry import TASKS
+
+    cls = TASKS.get(task)
+    return (cls.primary_metric, cls.higher_is_better) if cls else (None, None)
+
+
 # Classification artifacts also keep these metrics as top-level keys, as schema 1 had them,
 # so that readers written against version 1 keep working.
 LEGACY_TOP_LEVEL = {"classification": ("accuracy", "macro_f1", "n")}
@@ -72,13 +79,13 @@ def quality_block(task: str, metrics: dict, primary: str | None = None,
     Args:
         task: the task's name (`classification`, `causal-lm`, ...).
         metrics: {metric name: value} as the task's evaluation returned them.
-        primary: the metric artifacts are ranked by; default from TASK_PRIMARY.
-        higher_is_better: its direction; default from TASK_PRIMARY.
+        primary: the metric artifacts are ranked by; default the task's (`task_primary`).
+        higher_is_better: its direction; default the task's.
 
     Returns:
         {task, metrics, primary, higher_is_better}.
     """
-    default_primary, default_direction = TASK_PRIMARY.get(task, (None, None))
+    default_primary, default_direction = task_primary(task)
     primary = primary or default_primary
     higher_is_better = default_direction if higher_is_better is None else higher_is_better
     if primary is None or higher_is_better is None:

@@ -1,4 +1,4 @@
-"""Measure one artifact: quality (its task's metrics), size, parameters, latency grid, memory.
+"""Measure one artifact: quality (its task's metrics), size, parameters, latency points, memory.
 
 Run in a fresh process by default (`python -m compress.bench.worker JOB.json OUT.json`)
 so that the peak RSS it reports belongs to this artifact alone: a process's high-water
@@ -15,11 +15,14 @@ import time
 import traceback
 from pathlib import Path
 
+from typing import Any
+
 from compress.artifacts import read_manifest, weights_size
 from compress.bench.analysis import artifact_precision
-from compress.bench.flops import architecture, count_parameters
-from compress.bench.measure import latency, make_batch, peak_rss_mb, reset_peak_rss, rss_mb, timer_for
+from compress.bench.flops import architecture, count_parameters, decode_weight_bytes
+from compress.bench.measure import interleaved_samples, peak_rss_mb, reset_peak_rss, rss_mb, sampled_latency, timer_for
 from compress.bench.schema import quality_block, quality_fields
+from compress.bench.workloads import BLOCK, Inputs, build, finish_point, kind_of, split_texts
 from compress.errors import UserError
 
 
@@ -59,13 +62,28 @@ def _graph_fused(path: Path, depth: int = 5) -> bool | None:
     return None
 
 
-def _texts(data, split: str) -> list:
-    """The split's texts (or text pairs), longest first, so a batch carries the most real tokens."""
-    ds = data[split]
-    texts = list(ds["text"])
-    if "text_pair" in ds.column_names:
-        texts = list(zip(texts, ds["text_pair"]))
-    return sorted(texts, key=lambda t: -len(t[0] + t[1]) if isinstance(t, tuple) else -len(t))
+def artifact_task(path: Path, asked: str | None):
+    """The Task of the artifact at `path` (its manifest, else its config), as bench measures it."""
+    from compress.tasks.registry import task_for_artifact
+
+    return task_for_artifact(path, asked)
+
+
+def task_inputs(task, data, runner, cfg) -> tuple[Any, Inputs]:
+    """(the task-encoded evaluation split, the samplers' inputs) for one runner."""
+    split = task.encode(data, runner.tokenizer, cfg, model_config=runner.config, splits=(cfg.split,))[cfg.split]
+    return split, Inputs(texts=split_texts(data, cfg.split), tokens=getattr(split, "tokens", None))
+
+
+def _quantization(manifest: dict) -> dict | None:
+    """The quantize stage's method and settings, as the manifest records them, and the
+    MatMulNBits accuracy level it chose (the notes read them)."""
+    if manifest.get("stage") != "quantize":
+        return None
+    level = ((manifest.get("quantization") or {}).get("accuracy_level") or {})
+    return {"method": manifest.get("method") or (manifest.get("config") or {}).get("method"),
+            "settings": manifest.get("settings") or {},
+            "accuracy_level": level.get("choice") if isinstance(level, dict) else level}
 
 
 def measure_artifact(job: dict) -> dict:
@@ -74,25 +92,21 @@ def measure_artifact(job: dict) -> dict:
     import torch
 
     from compress.bench.config import BenchConfig
-    from compress.data import check_labels, encode, load_data
-    from compress.metrics import classification_metrics
-    from compress.runners import load_runner, score
+    from compress.runners import load_runner
 
     cfg = BenchConfig.model_validate(job["config"])
     device, threads, path = job["device"], job["threads"], Path(job["path"])
     if threads:
         torch.set_num_threads(threads)
-    data = load_data(cfg)
+    task = artifact_task(path, cfg.task)
+    data = task.load_data(cfg)
     manifest = read_manifest(path)
 
     # Libraries every artifact needs are loaded before the memory baseline, so that the
     # model memory figure is the artifact's own and not the first-import cost of transformers.
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
 
-    from compress.metrics import load_metric
-
-    load_metric("accuracy")
-    load_metric("f1")
+    task.preload()
 
     cuda = device.startswith("cuda")
     if cuda:
@@ -107,26 +121,22 @@ def measure_artifact(job: dict) -> dict:
     load_s = time.perf_counter() - t0
 
     config = runner.config
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and max(cfg.seq_lens) > max_pos:
-        raise UserError(
-            f"--seq-lens asks for {max(cfg.seq_lens)} tokens but '{job['name']}' accepts at most "
-            f"{max_pos} (max_position_embeddings). Use sequence lengths up to {max_pos}."
-        )
-    mapping = check_labels(data, getattr(config, "label2id", None), config.num_labels)
-    split = encode(data, runner.tokenizer, cfg.max_length, mapping, splits=(cfg.split,))[cfg.split]
-    metrics = classification_metrics(score(runner, split, cfg.eval_batch_size), split.labels, config.num_labels)
+    plan = task.bench_plan(cfg, config, job["name"])
+    split, inputs = task_inputs(task, data, runner, cfg)
+    built = [(point, build(runner, point, inputs, timer_for(device), job["name"])) for point in plan]
+    metrics = task.evaluate_runner(runner, split, cfg.eval_batch_size)
 
     points = []
     if not cfg.interleave:  # else the parent times all artifacts together (bench_latency_interleaved)
-        texts = _texts(data, cfg.split)
-        timer = timer_for(device)
-        for b in cfg.batch_sizes:
-            for s in cfg.seq_lens:
-                batch = make_batch(runner.tokenizer, texts, b, s)
-                stats = latency(lambda r=runner, x=batch: r.logits(x), warmup=cfg.warmup, budget_s=cfg.budget_s,
-                                min_iters=cfg.min_iters, target_rel=cfg.target_ci, timer=timer)
-                points.append(_point(b, s, stats))
+        for point, (sampler, _) in built:
+            stats = sampled_latency(sampler, warmup=cfg.warmup, budget_s=cfg.budget_s, min_iters=cfg.min_iters,
+                                    target_rel=cfg.target_ci)
+            points.append(finish_point(point, stats))
+    else:
+        # One untimed call of each point here, so that the peak memory covers timing too
+        # (the KV cache of the largest decode batch, the longest prefill).
+        for _, (_, untimed) in built:
+            untimed()
 
     memory = {
         "method": "subprocess" if job.get("isolated") else "in-process",
@@ -152,7 +162,7 @@ def measure_artifact(job: dict) -> dict:
         "format": runner.format, "device": runner.device,
         "precision": artifact_precision(manifest, runner.format),
         "stage": manifest.get("stage"), "parent": manifest.get("parent"),
-        **quality_fields(quality_block("classification", metrics)),
+        **quality_fields(quality_block(task.name, metrics, task.primary_metric, task.higher_is_better)),
         "size_bytes": weights_size(path), "params": params, "params_method": params_method,
         "arch": architecture(config),
         "fused": _graph_fused(path),
@@ -162,39 +172,58 @@ def measure_artifact(job: dict) -> dict:
         "memory": memory,
         "latency": points,
     }
-    del runner
+    quantization = _quantization(manifest)
+    if quantization:
+        result["quantization"] = quantization
+    if any(kind_of(p) == "decode" for p in plan):
+        result["decode_weight_bytes"], result["decode_weight_bytes_method"] = decode_weight_bytes(runner, path)
+    del runner, built
     gc.collect()
     return result
 
 
-def _point(batch_size: int, seq_len: int, stats: dict) -> dict:
-    return {"batch_size": batch_size, "seq_len": seq_len, **stats,
-            "throughput_sps": round(batch_size / (stats["p50_ms"] / 1e3), 2)}
-
-
 def bench_latency_interleaved(artifacts: list[tuple[str, Path]], cfg, device: str, threads: int | None) -> dict:
-    """{name: latency points} for all artifacts, timed together in one process, round-robin."""
+    """{name: latency points} for all artifacts, timed together in one process, round-robin.
+
+    Every artifact is timed at the points of its own plan; a point several artifacts share
+    (the same kind, batch and length) is timed in the same rounds for all of them.
+    """
     import torch
 
-    from compress.bench.measure import interleaved_latency
-    from compress.data import load_data
     from compress.runners import load_runner
 
     if threads:
         torch.set_num_threads(threads)
-    texts = _texts(load_data(cfg), cfg.split)
-    runners = {name: load_runner(path, device=device, threads=threads, trust_remote_code=cfg.trust_remote_code)
-               for name, path in artifacts}
+    timer = timer_for(device)
+    runners, plans, inputs = {}, {}, {}
+    data_by_task: dict[str, Any] = {}
+    for name, path in artifacts:
+        task = artifact_task(path, cfg.task)
+        if task.name not in data_by_task:
+            data_by_task[task.name] = task.load_data(cfg)
+        runner = load_runner(path, device=device, threads=threads, trust_remote_code=cfg.trust_remote_code)
+        runners[name] = runner
+        plans[name] = task.bench_plan(cfg, runner.config, name)
+        inputs[name] = task_inputs(task, data_by_task[task.name], runner, cfg)[1]
+    keys: dict[tuple, dict] = {}
+    for name in runners:
+        for point in plans[name]:
+            keys.setdefault(_key(point), point)
     points: dict[str, list] = {name: [] for name in runners}
-    for b in cfg.batch_sizes:
-        for s in cfg.seq_lens:
-            batches = {name: make_batch(r.tokenizer, texts, b, s) for name, r in runners.items()}
-            fns = {name: (lambda r=r, x=batches[name]: r.logits(x)) for name, r in runners.items()}
-            stats = interleaved_latency(fns, warmup=cfg.warmup, budget_s=cfg.budget_s, min_iters=cfg.min_iters,
-                                        target_rel=cfg.target_ci, timer=timer_for(device))
-            for name, st in stats.items():
-                points[name].append(_point(b, s, st))
+    for key, point in keys.items():
+        names = [n for n in runners if any(_key(p) == key for p in plans[n])]
+        own = {n: next(p for p in plans[n] if _key(p) == key) for n in names}
+        made = {n: build(runners[n], own[n], inputs[n], timer, n) for n in names}
+        stats = interleaved_samples({n: m[0] for n, m in made.items()}, untimed={n: m[1] for n, m in made.items()},
+                                    warmup=cfg.warmup, budget_s=cfg.budget_s, min_iters=cfg.min_iters,
+                                    target_rel=cfg.target_ci, block=BLOCK[kind_of(point)])
+        for n, st in stats.items():
+            points[n].append(finish_point(own[n], st))
     return points
+
+
+def _key(point: dict) -> tuple:
+    return kind_of(point), point["batch_size"], point["seq_len"], point.get("new_tokens")
 
 
 def main(argv: list[str]) -> int:

@@ -56,6 +56,24 @@ class Task:
 
         return run
 
+    def bench_plan(self, cfg, model_config, name: str) -> list[dict]:
+        """What `compress bench` times for an artifact of this task: its latency points.
+
+        Args:
+            cfg: the BenchConfig (batch sizes, sequence or prompt lengths, ...).
+            model_config: the artifact's transformers config (its position limit).
+            name: the artifact's display name, for messages.
+
+        Returns:
+            [{kind, batch_size, seq_len, ...}], where kind is a workload `compress.bench.workloads`
+            times: `forward` (one logits call on a padded batch), `prefill`, `ttft`, `decode`.
+        """
+        raise NotImplementedError
+
+    def preload(self) -> None:
+        """Load what scoring needs before the benchmark's memory baseline, so that its first-import
+        cost is not billed to the artifact."""
+
     def summary(self, metrics: dict[str, float]) -> str:
         """One line for the console."""
         return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

@@ -112,6 +112,14 @@ def next_token_loss(model, batch: dict) -> tuple[Any, dict[str, float]]:
     return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss, {}
 
 
+def _capped(point: dict, asked: list[int], room: int | None) -> dict:
+    """`point`, with `capped_from` when the length asked for did not fit the model's positions."""
+    over = [s for s in asked if room is not None and s > room and min(s, room) == point["seq_len"]]
+    if over:
+        point["capped_from"] = max(over)
+    return point
+
+
 class CausalLMTask(Task):
     name = "causal-lm"
     export_task = "text-generation-with-past"
@@ -167,6 +175,25 @@ class CausalLMTask(Task):
     def evaluate_runner(self, runner, split, batch_size):
         return score_stream(logits_nll_fn(runner.logits), split,
                             window_batch(batch_size, split.block, runner.config.vocab_size))
+
+    def bench_plan(self, cfg, model_config, name):
+        """Prefill and time to first token at each prompt length, and cached decode at each decode
+        batch size from a prompt of the first length; lengths capped at the model's positions."""
+        limit = position_limit(model_config)
+        if limit is not None and cfg.new_tokens >= limit:
+            raise UserError(f"--new-tokens {cfg.new_tokens} leaves no room for a prompt in '{name}', which has "
+                            f"{limit} positions. Use --new-tokens {max(1, limit // 4)} or fewer.")
+        points = []
+        for kind in ("prefill", "ttft"):
+            # TTFT feeds one more token (the first decode step) after the prompt.
+            room = None if limit is None else limit - (1 if kind == "ttft" else 0)
+            for s in dict.fromkeys(cfg.prompt_lens if room is None else [min(s, room) for s in cfg.prompt_lens]):
+                points.append(_capped({"kind": kind, "batch_size": 1, "seq_len": s}, cfg.prompt_lens, room))
+        context = cfg.prompt_lens[0] if limit is None else min(cfg.prompt_lens[0], limit - cfg.new_tokens)
+        for b in cfg.decode_batch_sizes:
+            points.append(_capped({"kind": "decode", "batch_size": b, "seq_len": context,
+                                   "new_tokens": cfg.new_tokens}, cfg.prompt_lens[:1], context))
+        return points
 
     def summary(self, metrics):
         return (f"perplexity {metrics['perplexity']:.2f}  NLL {metrics['nll']:.4f} nats/token  "

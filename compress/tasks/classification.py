@@ -108,5 +108,22 @@ class ClassificationTask(Task):
     def evaluate_runner(self, runner, split, batch_size):
         return classification_metrics(score(runner, split, batch_size), split.labels, runner.config.num_labels)
 
+    def bench_plan(self, cfg, model_config, name):
+        from compress.errors import UserError
+
+        max_pos = getattr(model_config, "max_position_embeddings", None)
+        if max_pos and max(cfg.seq_lens) > max_pos:
+            raise UserError(
+                f"--seq-lens asks for {max(cfg.seq_lens)} tokens but '{name}' accepts at most "
+                f"{max_pos} (max_position_embeddings). Use sequence lengths up to {max_pos}."
+            )
+        return [{"kind": "forward", "batch_size": b, "seq_len": s} for b in cfg.batch_sizes for s in cfg.seq_lens]
+
+    def preload(self):
+        from compress.metrics import load_metric
+
+        load_metric("accuracy")
+        load_metric("f1")
+
     def summary(self, metrics):
         return f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
