@@ -14,13 +14,14 @@ lazy-load format, which this module reads without R:
 PyPI `rdata` parses each serialization; every novel is one character vector of lines.
 
 The split is by chapter (`austen_splits`), counted on janeaustenr 1.0.0 (Debian 1.0.0-1).
-Characters are of the documents (newlines included), lines are lines of the documents:
+Characters are of the documents (newlines included), lines are lines of the documents (one
+per paragraph, and the heading):
 
-| split      | chapters | characters | lines  |
-|------------|---------:|-----------:|-------:|
-| train      |      241 |  3,621,818 | 64,903 |
-| validation |       14 |    235,278 |  4,319 |
-| test       |       14 |    164,991 |  3,014 |
+| split      | chapters | characters | lines |
+|------------|---------:|-----------:|------:|
+| train      |      241 |  3,606,856 | 9,154 |
+| validation |       14 |    234,105 |   662 |
+| test       |       14 |    164,339 |   454 |
 
 Chapters per book (train / validation / test): Sense & Sensibility 44/3/3, Pride & Prejudice
 55/3/3, Mansfield Park 44/2/2, Emma 49/3/3, Northanger Abbey 27/2/2, Persuasion 22/1/1.
@@ -30,8 +31,9 @@ Chapters per book (train / validation / test): Sense & Sensibility 44/3/3, Pride
 only these forms. Dropped: what precedes the first heading (title, author, date; in Northanger
 Abbey also the author's 12-line advertisement), Emma's "VOLUME I/II/III" lines, and the back
 matter from a "THE END" / "FINIS" / "A NOTE ON THE TEXT" line after the last heading (the last
-is an editor's note in Northanger Abbey). Each document is one chapter: its heading, then its
-lines joined with "\\n", runs of blank lines collapsed to one (a paragraph break is "\\n\\n").
+is an editor's note in Northanger Abbey). Each document is one chapter: its heading, then
+one line per paragraph (the printed line breaks inside a paragraph are joined with a space,
+and runs of spaces become one), paragraphs separated by "\\n".
 
 Within each book, chapters are sorted by sha256("<title>|<chapter number in the book, from 1>")
 (the position, not the heading's numeral: Emma restarts at I in each volume), and the first
@@ -189,7 +191,7 @@ def load_austen_books() -> dict[str, list[str]]:
 
 
 def book_chapters(lines: list[str]) -> list[str]:
-    """Cut one novel into chapter documents (heading first, paragraphs separated by "\\n\\n").
+    """Cut one novel into chapter documents: the heading, then one line per paragraph.
 
     Args:
         lines: the novel's lines.
@@ -207,17 +209,22 @@ def book_chapters(lines: list[str]) -> list[str]:
             break
     documents = []
     for start, stop in zip(starts, starts[1:] + [end]):
-        kept: list[str] = []
+        # The printed line breaks inside a paragraph are the typesetter's, not the author's:
+        # a paragraph becomes one line, so a model learns prose rather than a line width.
+        paragraphs: list[list[str]] = [[]]
         for line in lines[start:stop]:
-            line = line.rstrip()
+            line = line.strip()
             if VOLUME_HEADING.match(line):
                 continue
-            if line == "" and (not kept or kept[-1] == ""):
+            if line == "":
+                if paragraphs[-1]:
+                    paragraphs.append([])
                 continue
-            kept.append(line)
-        while kept and kept[-1] == "":
-            kept.pop()
-        documents.append("\n".join(kept))
+            paragraphs[-1].append(line)
+            if CHAPTER_HEADING.match(line):  # the heading is a paragraph of its own
+                paragraphs.append([])
+        # Runs of spaces (two after a full stop, in this edition) become one.
+        documents.append("\n".join(" ".join(" ".join(p).split()) for p in paragraphs if p))
     return documents
 
 
