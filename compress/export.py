@@ -1,6 +1,8 @@
-"""`compress export`: a PyTorch classifier to a self-contained ONNX directory, gated on parity.
+"""`compress export`: a PyTorch model to a self-contained ONNX directory, gated on parity.
 
-The graph comes from optimum-onnx's exporter (so the directory loads in
+The artifact's task picks the exporter (`EXPORTERS`, keyed by the task's `export_task`):
+classifiers here, causal LMs with past key values in `compress.export_lm`. For a classifier,
+the graph comes from optimum-onnx's exporter (so the directory loads in
 `optimum.onnxruntime.ORTModelForSequenceClassification`), falling back to
 `torch.onnx.export` only for architectures optimum has no ONNX config for. ONNX Runtime's
 transformer optimizer then fuses attention, layer norms and GELU. After every step the
@@ -12,7 +14,6 @@ run through the ONNX Runtime runner (`compress.runners.ort`), as eval, bench and
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,36 +25,35 @@ from compress.artifacts import atomic_output, check_output, read_manifest, write
 from compress.config import RuntimeConfig
 from compress.data import DataConfig, encode, load_data
 from compress.errors import GateFailed, UserError
+from compress.export_lm import LM_TASK, export_lm
 from compress.lineage import inherits_data
+# FUSED_OPS, convert_to_fp16 and fusion_model_type are also this module's API (tests, quantize).
+from compress.onnx_graph import FUSED_OPS, convert_to_fp16, fusion_model_type, operator_counts, optimize_graph  # noqa: F401
+from compress.onnx_graph import save as _save
 from compress.ort_settings import DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, choose_skip_layer_norm
 from compress.runners import detect_format, numpy_batch
 from compress.runners.ort import ONNX_FILE, OrtRunner
 from compress.runners.pytorch import TorchRunner
+
 TASK = "text-classification"
 # The TorchScript exporter that optimum drives stops at opset 20; below 14 BERT's
 # attention (scaled_dot_product_attention, Trilu) has no ONNX translation.
 MIN_OPSET, MAX_OPSET, FALLBACK_OPSET = 14, 20, 18
-# Operators that graph fusion creates (com.microsoft contrib ops) or folds into; counted
-# before and after optimisation to show what fusion did.
-FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
-             "SkipSimplifiedLayerNormalization", "LayerNormalization", "SimplifiedLayerNormalization",
-             "Gelu", "FastGelu", "BiasGelu", "GemmFastGelu", "FusedMatMul", "RotaryEmbedding")
-# ONNX Runtime's graph optimisation level behind --optimize basic / extended.
-ORT_LEVELS = {"basic": 1, "extended": 2}
 PARITY_BATCH_SIZES = (32, 8, 1)  # the first batch also serves as the tracing example
 
 
 class ExportConfig(RuntimeConfig, DataConfig):
-    """Export a PyTorch classifier artifact to ONNX, with parity gates (which run on --device,
-    and the graph is optimised for it)."""
+    """Export a PyTorch classifier or causal-LM artifact to ONNX, with parity gates (which run
+    on --device, and the graph is optimised for it)."""
 
-    model: str = Field(..., description="PyTorch classifier artifact directory (from train, distill or save_pretrained)")
+    model: str = Field(..., description="PyTorch artifact directory (from train, distill or save_pretrained): a classifier, or a causal LM (exported with past key values)")
     out: str = Field(..., description="output directory: model.onnx, config.json, tokenizer files, manifest.json")
     opset: int | None = Field(None, ge=MIN_OPSET, le=MAX_OPSET, description=f"ONNX opset ({MIN_OPSET}..{MAX_OPSET}); default: optimum's choice for the architecture (18 for BERT)")
     optimize: Literal["auto", "none", "basic", "extended", "transformer"] = Field(
         "auto", description="graph optimisation: none; basic (ORT constant folding, portable ops); extended (ORT fusions, "
                             "tied to the device); transformer (ORT transformer fusions: Attention, SkipLayerNorm, ...); "
-                            "auto = transformer where ORT has fusions for the architecture, else extended")
+                            "auto = transformer where ORT has fusions for the architecture, else extended; for a causal "
+                            "LM, auto keeps the transformer fusions only where the fused graph decodes faster here (timed)")
     flush_denormals: bool = Field(True, description="record the session setting that flushes denormal floats to zero on the CPU (softmax over padding makes them, and they are slow); the parity gates run with it")
     skip_layer_norm: Literal["auto", "fuse", "split"] = Field(
         "auto", description="residual Add + LayerNorm: fuse (ORT's SkipLayerNormalization kernel) or split (two operators, "
@@ -63,6 +63,9 @@ class ExportConfig(RuntimeConfig, DataConfig):
     atol: float = Field(1e-4, gt=0, description="largest |logit difference| allowed between PyTorch and an fp32 ONNX graph")
     fp16_atol: float = Field(1e-2, gt=0, description="largest |logit difference| allowed for the fp16 graph (fp16 keeps ~3 significant digits)")
     parity_examples: int = Field(64, ge=1, le=4096, description="validation examples fed to each parity gate, at batch sizes 1, 8 and 32")
+    parity_prompts: int = Field(8, ge=1, le=64, description="causal LM: validation prompts (and windows) the gates feed; each prompt's greedy continuation must match PyTorch's")
+    parity_steps: int = Field(32, ge=16, le=512, description="causal LM: cached decode steps checked against PyTorch's uncached logits (fed the real next tokens)")
+    greedy_tokens: int = Field(32, ge=1, le=512, description="causal LM: tokens of each greedy continuation that must be identical to PyTorch's")
 
 
 # --------------------------------------------------------------------------- parity gate
@@ -216,16 +219,6 @@ def _torch_export(model, example: dict[str, np.ndarray], path: Path, opset: int,
     return "torch.onnx"
 
 
-def fusion_model_type(model_type: str) -> str | None:
-    """ONNX Runtime's optimizer family (bert, gpt2, ...) for a transformers model type, or None."""
-    from optimum.onnxruntime.utils import ORTConfigManager
-
-    try:
-        return ORTConfigManager.get_model_ort_type(model_type)
-    except KeyError:
-        return None
-
-
 def resolve_optimize(level: str, model_type: str) -> str:
     if level == "auto":
         return "transformer" if fusion_model_type(model_type) else "extended"
@@ -235,60 +228,29 @@ def resolve_optimize(level: str, model_type: str) -> str:
     return level
 
 
-def optimize_graph(path: Path, level: str, config, use_gpu: bool, fuse_skip_layer_norm: bool = True):
-    """ONNX Runtime's optimizer on `path`; returns an onnxruntime.transformers OnnxModel."""
-    import onnx
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.onnx_model import OnnxModel
-    from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
-
-    if level == "transformer":
-        # opt_level 1 (portable basic passes) then the Python fusions for this model family.
-        family = fusion_model_type(config.model_type)
-        options = FusionOptions(family)
-        options.enable_skip_layer_norm = fuse_skip_layer_norm
-        # With pruned heads the config's head count and width are not the attention's: 0 lets the
-        # fusion read them off each layer's graph.
-        pruned = bool(getattr(config, "pruned_heads", None))
-        return optimize_model(str(path), model_type=family,
-                              num_heads=0 if pruned else getattr(config, "num_attention_heads", 0) or 0,
-                              hidden_size=0 if pruned else getattr(config, "hidden_size", 0) or 0,
-                              optimization_options=options, opt_level=1, use_gpu=use_gpu)
-    disabled = [] if fuse_skip_layer_norm else [SKIP_LAYER_NORM_FUSION]
-    optimized = optimize_by_onnxruntime(str(path), use_gpu=use_gpu, optimized_model_path=str(path.with_suffix(".opt.onnx")),
-                                        opt_level=ORT_LEVELS[level], disabled_optimizers=disabled)
-    model = OnnxModel(onnx.load(optimized))
-    Path(optimized).unlink()
-    return model
-
-
-def convert_to_fp16(model_proto):
-    """fp16 weights and activations, fp32 inputs and logits (callers and runners stay unchanged)."""
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    half = OnnxModel(model_proto)
-    half.convert_float_to_float16(keep_io_types=True)
-    return half
-
-
-def operator_counts(model_proto) -> dict[str, int]:
-    counts = Counter(node.op_type for node in model_proto.graph.node)
-    return {op: counts[op] for op in FUSED_OPS if counts[op]}
-
-
-def _save(onnx_model, path: Path) -> None:
-    # Saved in one file: these classifiers are far below protobuf's 2 GB limit.
-    onnx_model.save_model_to_file(str(path), use_external_data_format=False)
-
-
 @inherits_data("model")
 def export(cfg: ExportConfig) -> Path:
     """Export `cfg.model` to ONNX at `cfg.out`, optimise the graph, and gate every step on parity.
+
+    The artifact's task says what is exported (its `export_task`): a classifier's logits
+    graph here, a causal LM's decoder with past key values in `compress.export_lm`.
 
     Returns:
         The artifact directory: model.onnx, config.json, tokenizer files and manifest.json
         (format "onnx", onnx_file, opset, optimize level, fused-operator counts, parity figures).
     """
+    from compress.tasks.registry import task_for_artifact
+
+    detect_format(cfg.model)  # a missing or unrecognised directory is one message
+    task = task_for_artifact(cfg.model, cfg.task)
+    if task.export_task not in EXPORTERS:
+        raise UserError(f"compress export has no exporter for the {task.name} task ({task.export_task}). "
+                        f"It exports: {', '.join(EXPORTERS)}.")
+    return EXPORTERS[task.export_task](cfg, task)
+
+
+def export_classifier(cfg: ExportConfig, task=None) -> Path:
+    """The classifier export (`text-classification`): see `export`."""
     import onnx
     import onnxruntime as ort
 
@@ -367,3 +329,7 @@ def export(cfg: ExportConfig) -> Path:
           f"parity max |diff| {metrics['parity_max_abs_diff']:.2g}, fused {counts['after']}, "
           f"SkipLayerNorm {skip_info['choice']}")
     return out
+
+
+# The task's export_task -> the function that exports it.
+EXPORTERS = {TASK: export_classifier, LM_TASK: export_lm}

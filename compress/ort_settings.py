@@ -8,6 +8,8 @@ entries), and every runner applies them (docs/export.md#skiplayernormalization).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 # A session config entry ONNX Runtime reads when a session starts: a comma-separated list of
@@ -94,3 +96,26 @@ def choose_skip_layer_norm(setting: str, hidden: int, device: str, threads: int 
     fuse = timing["split_us"] > SPLIT_MARGIN * timing["fused_us"]
     return fuse, {"choice": "fuse" if fuse else "split", "how": f"auto: timed at [1, 128, {hidden}] on this CPU",
                   **timing}
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = 5, per_round: int = 20,
+                     warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed in interleaved rounds.
+
+    Each round runs every function `warmup` times untimed (so the previous one's thread pool
+    has settled) and then `per_round` times timed; a burst of load on a busy machine hits
+    every candidate, so their ratio survives it. Used where a stage picks the faster of two
+    graphs or settings on this machine (LM fusion, MatMulNBits accuracy_level).
+    """
+    import time
+
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: round(float(np.median(t)) * 1e3, 4) for name, t in times.items()}

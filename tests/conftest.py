@@ -69,3 +69,16 @@ def tiny_lm_train(out: Path, **overrides) -> Path:
 def tiny_lm(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide GPT-2 trained from scratch on Hamlet for one epoch (~40 s on 1 thread)."""
     return tiny_lm_train(tmp_path_factory.mktemp("tiny-lm") / "lm")
+
+
+# The LM export gate at a size that keeps each export to seconds: 4 prompts, 16 cached steps.
+LM_EXPORT_FAST = dict(threads=1, parity_prompts=4, parity_steps=16, greedy_tokens=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_onnx(tiny_lm, tmp_path_factory) -> Path:
+    """`tiny_lm` exported to ONNX with past key values (optimum's text-generation-with-past layout)."""
+    from compress.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("tiny-lm-onnx") / "onnx"
+    return export(ExportConfig(model=str(tiny_lm), out=str(out), **LM_EXPORT_FAST))

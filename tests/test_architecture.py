@@ -25,6 +25,7 @@ LAYERS = {
     "compress.metrics": 1,
     "compress.artifacts": 1,
     "compress.ort_settings": 1,
+    "compress.onnx_graph": 1,
     # 2 - data and models
     "compress.data": 2,
     "compress.lm_data": 2,
@@ -43,6 +44,7 @@ LAYERS = {
     "compress.distill": 6,
     "compress.eval": 6,
     "compress.export": 6,
+    "compress.export_lm": 6,
     "compress.quantize": 6,
     "compress.generate": 6,
     "compress.bench": 6,

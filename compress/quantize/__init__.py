@@ -1,4 +1,5 @@
-"""`compress quantize`: int8 / 4-bit / bf16 versions of a classifier, optionally accuracy-aware.
+"""`compress quantize`: int8 / 4-bit / bf16 versions of a classifier or a causal LM, optionally
+accuracy-aware (accuracy for a classifier, perplexity for a causal LM: the task's primary metric).
 
 Each method is a small class with its own typed settings, in its own module, registered
 under its CLI name (`compress.quantize.registry`); adding a method means adding that
@@ -29,22 +30,22 @@ from compress.data import DataConfig
 from compress.errors import GateFailed, UserError
 from compress.lineage import inherits_data
 # The methods: importing a module registers its methods (one line per module).
-from compress.quantize import bnb, cast, onnx_int8, torch_int8  # noqa: F401
+from compress.quantize import bnb, cast, onnx_int8, onnx_nbits, torch_int8  # noqa: F401
 from compress.quantize.onnx_int8 import MIN_CALIBRATION
 from compress.quantize.registry import (METHODS, Job, Method, MethodSettings, auto_candidates, get_method,
                                         settings_for)
 
 
 class _QuantizeStage(RuntimeConfig, DataConfig):
-    """Quantize a classifier artifact."""
+    """Quantize a classifier or causal-LM artifact."""
 
     renamed = {"batch_size": "eval_batch_size"}
-    model: str = Field(..., description="artifact to quantize: a PyTorch classifier directory, or an ONNX artifact for the ort-* methods")
+    model: str = Field(..., description="artifact to quantize: a PyTorch classifier or causal-LM directory, or an ONNX artifact for the ort-* methods")
     out: str = Field(..., description="output artifact directory")
     method: str = Field(..., description=f"{', '.join(METHODS)}, or auto (the fastest that meets --max-drop)")
-    max_drop: str | None = Field(None, description="accuracy tolerance on the validation split: absolute points (1.0 = one accuracy point) or relative ('2%' of the fp32 accuracy); layers fall back to full precision until it is met (auto: default 1.0)")
+    max_drop: str | None = Field(None, description="quality tolerance on the validation split: for a classifier absolute accuracy points (1.0 = one point) or relative ('2%' of the fp32 accuracy); for a causal LM the relative perplexity increase ('5%'); layers fall back to full precision until it is met (auto: default 1.0)")
     max_fallback: int | None = Field(None, ge=0, description="at most this many layers fall back to full precision in accuracy-aware mode (default: no limit)")
-    sensitivity_samples: int = Field(256, ge=8, description="validation examples used to rank layer sensitivity in accuracy-aware mode")
+    sensitivity_samples: int = Field(256, ge=8, description="validation examples used to rank layer sensitivity in accuracy-aware mode (a causal LM uses at most 32 windows)")
 
     @field_validator("method")
     @classmethod
@@ -178,34 +179,44 @@ def quantize(cfg: QuantizeConfig) -> Path:
     """
     import tempfile
 
-    from compress.data import load_data
     from compress.hardware import resolve_device
     from compress.models import check_model_dir
     from compress.quantize import tune
+    from compress.tasks.registry import task_for_artifact
 
     out, src = check_output(cfg.out, cfg.force), Path(cfg.model)
     if not src.is_dir():
         raise UserError(f"The model directory '{src}' does not exist. Pass an artifact written by train, distill or export.")
     check_model_dir(src)
+    task = task_for_artifact(src, cfg.task)
     device = resolve_device(cfg.device)
     fmt = source_format(src)
     if cfg.method == "auto":
+        if task.name not in AUTO_TASKS:
+            raise UserError(f"--method auto times classifier batches and is not available for {task.name} artifacts "
+                            f"yet. Name a method: {', '.join(sorted(n for n, m in METHODS.items() if task.name in m.tasks))}.")
         methods = auto_methods(cfg, device, fmt, src)
     else:
         methods = [get_method(cfg.method)]
+        check_task(methods[0], task, src)
         methods[0].check(method_settings(cfg, methods[0]), device)
         check_input(methods[0], fmt, src)
     settings = {m.name: method_settings(cfg, m) for m in methods}
     tolerance = parse_drop(cfg.max_drop or DEFAULT_AUTO_DROP) if (cfg.max_drop or cfg.method == "auto") else None
+    if tolerance is not None and not task.higher_is_better and not tolerance.relative:
+        raise UserError(f"For a {task.name} artifact --max-drop is the allowed relative increase of its "
+                        f"{task.primary_metric} on the validation split, written with a percent sign: e.g. "
+                        f"--max-drop 5% allows the fp32 {task.primary_metric} times 1.05. '{cfg.max_drop}' has no '%'.")
 
-    data = load_data(cfg)
+    data = task.load_data(cfg)
     eval_device = "cuda" if device == "cuda" and fmt == "pytorch" else "cpu"
-    evaluator = tune.Evaluator(data, src, cfg, eval_device)
+    evaluator = tune.make_evaluator(task, data, src, cfg, eval_device)
     calibration: dict[str, list] = {}
     calib_info = None
     for m in methods:
-        if m.calibrated:
-            calibration[m.name], calib_info = calibration_batches(cfg, settings[m.name], data, evaluator.tokenizer)
+        if m.needs_calibration(settings[m.name]):
+            calibration[m.name], calib_info = CALIBRATION[task.name](cfg, settings[m.name], data, evaluator.tokenizer,
+                                                                     task)
 
     make_dir(out.parent)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as tmpdir:
@@ -214,7 +225,7 @@ def quantize(cfg: QuantizeConfig) -> Path:
 
         def make_job(method: Method) -> Job:
             source = src if method.input == fmt else export_onnx(cfg, method, settings[method.name], work, exports,
-                                                                 device)
+                                                                 device, task)
             return Job(cfg, settings[method.name], source, device, calibration.get(method.name, []))
 
         search, auto_rows = None, None
@@ -236,22 +247,32 @@ def quantize(cfg: QuantizeConfig) -> Path:
             for p in chosen.directory.iterdir():
                 shutil.move(str(p), tmp / p.name)
             manifest = _write(tmp, cfg, src, evaluator, chosen, calib_info, tolerance, search, auto_rows, met,
-                              settings[chosen.info["method"]])
+                              settings[chosen.info["method"]], task)
             if tolerance is not None:
-                (tmp / "tuning.md").write_text(tune.tuning_markdown(evaluator.baseline, tolerance, search, auto_rows, chosen))
+                (tmp / "tuning.md").write_text(tune.tuning_markdown(evaluator, tolerance, search, auto_rows, chosen))
     _summary(out, manifest)
     if not met:
         if tolerance is not None:
             print((out / "tuning.md").read_text())
+        p = evaluator.primary
         raise GateFailed(
-            f"Quantization with {chosen.info['method']} could not keep the validation accuracy within {tolerance} of fp32 "
-            f"({evaluator.baseline['accuracy']:.4f} -> {chosen.metrics['accuracy']:.4f} with "
-            f"{len(chosen.exclude)} layer(s) in full precision). The most accurate candidate was written to '{out}' "
+            f"Quantization with {chosen.info['method']} could not keep the validation {p} within {tolerance} of fp32 "
+            f"({evaluator.baseline[p]:.4f} -> {chosen.metrics[p]:.4f} with "
+            f"{len(chosen.exclude)} layer(s) in full precision). The best candidate was written to '{out}' "
             "(see its tuning.md). Allow a larger --max-drop, raise --max-fallback, or try another method.")
     return out
 
 
 DEFAULT_AUTO_DROP = "1.0"
+# The tasks --method auto can time (it measures classifier batches with compress.bench.measure).
+AUTO_TASKS = ("classification",)
+
+
+def check_task(method: Method, task, src: Path) -> None:
+    if task.name not in method.tasks:
+        others = sorted(n for n, m in METHODS.items() if task.name in m.tasks)
+        raise UserError(f"--method {method.name} quantizes {' and '.join(method.tasks)} artifacts, and '{src}' is a "
+                        f"{task.name} artifact. Methods for it: {', '.join(others)}.")
 
 
 def auto_methods(cfg, device: str, fmt: str, src: Path) -> list[Method]:
@@ -297,12 +318,12 @@ def check_input(method: Method, fmt: str, src: Path) -> None:
 
 
 def export_onnx(cfg, method: Method, settings: MethodSettings, work: Path, exports: dict[str, Path],
-                device: str) -> Path:
+                device: str, task) -> Path:
     """Export the PyTorch input to ONNX (with export's parity gate), once per optimisation level."""
     from compress.export import ExportConfig, export
 
     optimize = getattr(settings, "optimize", "auto")
-    level = method.export_optimize if optimize == "auto" else optimize
+    level = method.export_level(task) if optimize == "auto" else optimize
     if level == "transformer" and optimize == "auto":
         from transformers import AutoConfig
 
@@ -317,7 +338,7 @@ def export_onnx(cfg, method: Method, settings: MethodSettings, work: Path, expor
     return exports[level]
 
 
-def calibration_batches(cfg, settings, data, tokenizer) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+def calibration_batches(cfg, settings, data, tokenizer, task=None) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """`settings.calib_samples` training examples (a seeded random sample), one per batch, all
     padded to the same width.
 
@@ -354,8 +375,27 @@ def calibration_batches(cfg, settings, data, tokenizer) -> tuple[list[dict[str, 
     return batches, info
 
 
+def lm_calibration_batches(cfg, settings, data, tokenizer, task) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """`settings.calib_samples` training blocks of `--max-length` tokens (a seeded random sample),
+    one per batch: real text, every position a real token."""
+    blocks = task.encode(data, tokenizer, cfg, splits=("train",))["train"].blocks
+    n = settings.calib_samples
+    if len(blocks) < n:
+        raise UserError(f"--calib-samples {n} asks for more training windows of {blocks.shape[1]} tokens than "
+                        f"'{data.source}' has ({len(blocks)}). Lower --calib-samples or --max-length.")
+    idx = np.sort(np.random.default_rng(0).choice(len(blocks), n, replace=False))
+    batches = [{"input_ids": blocks[i:i + 1]} for i in idx]
+    info = {"dataset": data.source, "split": "train", "n": n, "seed": 0, "tokens_per_window": int(blocks.shape[1]),
+            "fingerprint": fingerprint(data.fingerprint, idx.tolist()), "method": getattr(settings, "algorithm", None)}
+    return batches, info
+
+
+# Task name -> how its calibration batches are drawn from the training split.
+CALIBRATION = {"classification": calibration_batches, "causal-lm": lm_calibration_batches}
+
+
 def _write(tmp: Path, cfg, src: Path, evaluator, chosen, calib_info, tolerance, search, auto_rows,
-           met: bool, settings: MethodSettings) -> dict[str, Any]:
+           met: bool, settings: MethodSettings, task) -> dict[str, Any]:
     from compress.quantize import tune
 
     info = dict(chosen.info)
@@ -366,10 +406,10 @@ def _write(tmp: Path, cfg, src: Path, evaluator, chosen, calib_info, tolerance, 
     before, after = evaluator.baseline, chosen.metrics
     sens = {s["layer"]: s for s in (search.sensitivity if search else [])}
     steps = {s["fallback_layer"]: s for s in (search.steps if search else []) if s["fallback_layer"]}
-    fallback = [{"layer": name, "sensitivity_logit_mse": sens.get(name, {}).get("logit_mse"),
-                 "accuracy_after_fallback": steps.get(name, {}).get("accuracy")} for name in chosen.exclude]
-    metrics = {"validation": {"before": before, "after": after,
-                              "drop_points": round(100 * (before["accuracy"] - after["accuracy"]), 4)},
+    sens_key, after_key = evaluator.fallback_keys()
+    fallback = [{"layer": name, sens_key: sens.get(name, {}).get(evaluator.sensitivity_key),
+                 after_key: steps.get(name, {}).get(evaluator.primary)} for name in chosen.exclude]
+    metrics = {"validation": {"primary": evaluator.primary, **evaluator.validation_summary(before, after)},
                "size_bytes": size, "parent_size_bytes": parent_size,
                "compression": round(parent_size / size, 3) if size else None}
     if chosen.latency:
@@ -380,8 +420,8 @@ def _write(tmp: Path, cfg, src: Path, evaluator, chosen, calib_info, tolerance, 
                   "steps": search.steps if search else None, "sensitivity": search.sensitivity if search else None,
                   "auto": auto_rows}
     return write_manifest(tmp, stage="quantize", config=cfg.model_dump(), parent=str(src), metrics=metrics,
-                          method=method, settings=settings.model_dump(), quantization=info,
-                          calibration=calib_info if METHODS[method].calibrated else None,
+                          task=task.name, method=method, settings=settings.model_dump(), quantization=info,
+                          calibration=calib_info if METHODS[method]().needs_calibration(settings) else None,
                           fallback_layers=fallback, tuning=tuning,
                           data={"source": cfg.dataset, "split": "validation",
                                 "fingerprint": evaluator.data_fingerprint}, **top)
@@ -390,9 +430,10 @@ def _write(tmp: Path, cfg, src: Path, evaluator, chosen, calib_info, tolerance, 
 def _summary(out: Path, manifest: dict[str, Any]) -> None:
     v = manifest["metrics"]["validation"]
     q = manifest["quantization"]
+    p = v["primary"]
     counts = ", ".join(f"{k} {n}" for k, n in (q.get("quantized") or {}).items())
-    print(f"quantized with {manifest['method']} ({counts}); validation accuracy {v['before']['accuracy']:.4f} -> "
-          f"{v['after']['accuracy']:.4f}; size {manifest['metrics']['parent_size_bytes'] / 1e6:.2f} MB -> "
+    print(f"quantized with {manifest['method']} ({counts}); validation {p} {v['before'][p]:.4f} -> "
+          f"{v['after'][p]:.4f}; size {manifest['metrics']['parent_size_bytes'] / 1e6:.2f} MB -> "
           f"{manifest['metrics']['size_bytes'] / 1e6:.2f} MB; fallback layers: {len(manifest['fallback_layers'])} -> {out}")
 
 

@@ -25,9 +25,9 @@ class Cast(Method):
     def build(self, job: Job, out: Path, exclude: list[str]) -> dict[str, Any]:
         import torch
 
-        from compress.models import load_classifier
+        from compress.tasks.registry import task_for_artifact
 
-        model, _ = load_classifier(job.source, job.cfg.trust_remote_code)
+        model, _ = task_for_artifact(job.source).load_model(job.source, job.cfg.trust_remote_code)
         model.to(torch.bfloat16 if self.dtype == "bf16" else torch.float16)
         model.save_pretrained(out, safe_serialization=True)
         copy_support_files(job.source, out)

@@ -12,7 +12,9 @@ ranges calibrated on real training examples with minmax, entropy or percentile. 
 MatMul, Gemm and Gather are quantized: the attention-mask Add holds -3.4e38, which makes
 entropy and percentile histograms useless, and leaving Add out keeps it uncalibrated.
 
-The classifier head stays fp32 in both (the MatMul/Gemm that produces the logits).
+The output head stays fp32 in both (the MatMul/Gemm that produces the logits: a classifier's
+head, a causal LM's LM head). Dynamic int8 also takes a causal LM's decoder graph (with past
+key values); static int8 is for classifiers.
 """
 
 from __future__ import annotations
@@ -214,6 +216,11 @@ class OrtDynamicInt8(Method):
     # than the plain one (docs/quantize.md).
     export_optimize = "transformer"
 
+    def export_level(self, task) -> str:
+        # The timings above are a classifier's; a causal LM's export times its own fused and plain
+        # decoders and keeps the faster (export's auto, compress.export_lm).
+        return self.export_optimize if task.export_task == "text-classification" else "auto"
+
     def layers(self, job: Job) -> list[str]:
         return candidate_nodes(load_graph(job.source), DYNAMIC_OPS, weights_only=True)
 
@@ -236,6 +243,8 @@ class OrtStaticInt8(Method):
     Settings = OrtStaticSettings
     input = "onnx"
     calibrated = True
+    # Its calibration batches are padded classifier examples; a decoder's KV-cache inputs are not fed.
+    tasks = ("classification",)
     auto_order = 1
     # QDQ on the plain graph: ORT fuses DequantizeLinear/MatMul/QuantizeLinear into integer
     # kernels when the session starts; the transformer fusions would hide MatMuls in Attention.

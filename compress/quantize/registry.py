@@ -41,6 +41,9 @@ class Job:
     source: Path  # an fp32 PyTorch directory, or an ONNX artifact for methods with input == "onnx"
     device: str
     calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # What a method measured once for this job and reuses in every candidate it builds
+    # (accuracy-aware mode builds many), e.g. a timing-based choice.
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
@@ -50,6 +53,8 @@ class Method:
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
     input: ClassVar[Literal["pytorch", "onnx"]] = "pytorch"
     calibrated: ClassVar[bool] = False  # needs calibration batches from the training split
+    # The tasks (Task.name) whose artifacts the method quantizes.
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "causal-lm")
     can_fall_back: ClassVar[bool] = True  # accuracy-aware mode may keep layers in full precision
     export_optimize: ClassVar[str] = "auto"  # graph optimisation when an ONNX input must be exported first
     # Position in `--method auto`'s search (lower first); None: auto never tries this method.
@@ -57,6 +62,14 @@ class Method:
 
     def check(self, settings: MethodSettings, device: str) -> None:
         """Raise UserError when this method cannot run here (missing backend, wrong device)."""
+
+    def needs_calibration(self, settings: MethodSettings) -> bool:
+        """Whether these settings need calibration batches from the training split."""
+        return self.calibrated
+
+    def export_level(self, task) -> str:
+        """The graph optimisation to export a PyTorch input with, for a model of `task` (a Task)."""
+        return self.export_optimize
 
     def worth_trying(self, device: str) -> bool:
         """Whether `--method auto` should try this method on `device` (it may run but not pay off)."""

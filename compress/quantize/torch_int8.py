@@ -2,7 +2,9 @@
 
 Linear layers get int8 weights and quantize their activations on the fly; the word
 embedding table is stored as uint8 rows with a float scale and offset per row (PyTorch's
-weight-only quantized Embedding). The classifier head stays fp32.
+weight-only quantized Embedding). The output head (a classifier's head, a causal LM's LM head)
+stays fp32. GPT-2's Conv1D projections are turned into the nn.Linear layers they are
+equivalent to first: quantize_dynamic takes nn.Linear only.
 
 The on-disk layout (`format: torch-int8`) is described, and read back, in
 `compress.runners.torch_int8`; `save_quantized` here writes it.
@@ -21,11 +23,33 @@ from compress.quantize.registry import Int8Settings, Job, Method, register_metho
 from compress.runners.torch_int8 import WEIGHTS, quiet_torch_ao
 
 
+def head_names(model) -> set[str]:
+    """Modules of the output head: a classifier's head, or a causal LM's output embedding (LM head)."""
+    heads = {n for n, _ in model.named_modules() if n and is_head(n)}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads.update(n for n, m in model.named_modules() if out is not None and m is out)
+    return heads
+
+
+def load_source(job: Job):
+    """The fp32 model of the job's source, of its task, with GPT-2's Conv1D projections as nn.Linear.
+
+    Returns:
+        (model, names of the Conv1D modules that became Linear).
+    """
+    from compress.runners.torch_int8 import conv1d_to_linear
+    from compress.tasks.registry import task_for_artifact
+
+    model, _ = task_for_artifact(job.source).load_model(job.source, job.cfg.trust_remote_code)
+    return model, conv1d_to_linear(model)
+
+
 def quantizable(model) -> dict[str, str]:
     """{module name: 'linear' | 'embedding'} for every module this method quantizes."""
     import torch
 
-    found = {n: "linear" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not is_head(n)}
+    heads = head_names(model)
+    found = {n: "linear" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in heads}
     emb = model.get_input_embeddings()
     for n, m in model.named_modules():
         if m is emb:
@@ -48,7 +72,7 @@ def quantize_model(model, exclude: list[str], per_channel: bool):
     return modules
 
 
-def save_quantized(model, modules: dict[str, str], path: Path) -> None:
+def save_quantized(model, modules: dict[str, str], path: Path, conv1d_as_linear: bool = False) -> None:
     """Write the quantized model in the torch-int8 safetensors layout described above."""
     import torch
     from safetensors.torch import save_file
@@ -76,7 +100,10 @@ def save_quantized(model, modules: dict[str, str], path: Path) -> None:
         tensors[key] = value.detach().contiguous()
     # Tied weights share storage; safetensors refuses shared tensors, so store copies.
     tensors = {k: v.clone() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={"format": "torch-int8", "version": "1", "modules": json.dumps(modules)})
+    meta = {"format": "torch-int8", "version": "1", "modules": json.dumps(modules)}
+    if conv1d_as_linear:
+        meta["conv1d_as_linear"] = "1"
+    save_file(tensors, str(path), metadata=meta)
 
 
 @register_method("torch-dynamic-int8")
@@ -93,20 +120,16 @@ class TorchDynamicInt8(Method):
                             "torch-dynamic-int8 cannot run here. Use ort-dynamic-int8.")
 
     def layers(self, job: Job) -> list[str]:
-        from compress.models import load_classifier
-
-        model, _ = load_classifier(job.source, job.cfg.trust_remote_code)
+        model, _ = load_source(job)
         return list(quantizable(model))
 
     def build(self, job: Job, out: Path, exclude: list[str]) -> dict[str, Any]:
-        from compress.models import load_classifier
-
-        model, _ = load_classifier(job.source, job.cfg.trust_remote_code)
+        model, converted = load_source(job)
+        heads = sorted(n for n in head_names(model) if n.count(".") <= 1 and hasattr(model.get_submodule(n), "weight"))
         modules = quantize_model(model, exclude, job.settings.per_channel)
-        save_quantized(model, modules, out / WEIGHTS)
+        save_quantized(model, modules, out / WEIGHTS, conv1d_as_linear=bool(converted))
         copy_support_files(job.source, out)
         kinds = [k for k in modules.values()]
-        heads = [n for n, m in model.named_modules() if is_head(n) and n.count(".") <= 1 and hasattr(m, "weight")]
         return {"format": "torch-int8", "run_device": "cpu",
                 "scheme": {"weights": "int8 symmetric " + ("per-channel" if job.settings.per_channel else "per-tensor"),
                            "activations": "uint8, dynamic per batch", "embedding": "uint8 per row (weight-only)"},

@@ -32,7 +32,17 @@ from compress.runners import load_runner, score
 
 
 class Evaluator:
-    """The validation split, encoded once, and the fp32 model's logits on it."""
+    """A classifier's validation split, encoded once, and the fp32 model's logits on it.
+
+    The tuning code asks an evaluator (this one, or `LMEvaluator` for causal LMs) what the
+    primary metric is, how far a candidate fell from fp32 (`drop`), what a tolerance allows,
+    which of two candidates is better and how sensitive one layer is; it never reads a
+    metric by name itself.
+    """
+
+    primary = "accuracy"
+    sensitivity_key = "logit_mse"  # the key of each layer's score in tuning records
+    sensitivity_label = "logit MSE"
 
     def __init__(self, data, reference: Path, cfg, device: str):
         self.cfg, self.device, self.reference = cfg, device, Path(reference)
@@ -68,6 +78,132 @@ class Evaluator:
         logits = score(self.runner(directory, device), self.subset, self.cfg.eval_batch_size)
         return float(np.mean((logits.astype(np.float64) - self.reference_subset) ** 2))
 
+    def sensitivity(self, directory: Path, device: str | None = None) -> float:
+        """How much the candidate in `directory` (one layer quantized) departs from fp32."""
+        return self.logit_error(directory, device)
+
+    def drop(self, metrics: dict[str, float]) -> float:
+        """How much worse than fp32 `metrics` are, in the unit the tolerance allows (a fraction of accuracy)."""
+        return self.baseline["accuracy"] - metrics["accuracy"]
+
+    def allowed(self, tolerance) -> float:
+        return tolerance.allowed(self.baseline["accuracy"])
+
+    def better(self, a: dict[str, float], b: dict[str, float]) -> bool:
+        return a["accuracy"] > b["accuracy"]
+
+    def step_record(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"accuracy": metrics["accuracy"], "drop_points": round(100 * self.drop(metrics), 4),
+                "agreement": metrics["agreement"]}
+
+    def validation_summary(self, before: dict, after: dict) -> dict[str, Any]:
+        return {"before": before, "after": after, "drop_points": round(100 * (before["accuracy"] - after["accuracy"]), 4)}
+
+    def fallback_keys(self) -> tuple[str, str]:
+        """Manifest keys of a fallback layer's sensitivity and of the metric after it fell back."""
+        return "sensitivity_logit_mse", "accuracy_after_fallback"
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"validation accuracy {metrics['accuracy']:.4f}"
+
+    def headline(self, tolerance, search) -> str:
+        base = f"fp32 validation accuracy: {self.baseline['accuracy']:.4f} (n={self.baseline['n']}). Tolerance: {tolerance}"
+        return f"{base} (allowed drop {100 * search.allowed:.2f} points)." if search else f"{base}."
+
+    step_headers = ("accuracy", "drop (points)", "agreement with fp32")
+
+    def step_cells(self, step: dict) -> tuple[str, ...]:
+        return f"{step['accuracy']:.4f}", f"{step['drop_points']:.2f}", f"{step['agreement']:.4f}"
+
+
+class LMEvaluator:
+    """A causal LM's validation text, encoded once, and the fp32 model's perplexity on it.
+
+    The tolerance is a relative perplexity increase; a layer's sensitivity is the perplexity
+    increase on the first `--sensitivity-samples` windows (at most 32) when only that layer
+    is quantized: the measured effect itself, and cheap to keep (no logits are stored).
+    """
+
+    primary = "perplexity"
+    sensitivity_key = "perplexity_increase"
+    sensitivity_label = "perplexity increase on the sensitivity windows"
+    MAX_SENSITIVITY_WINDOWS = 32
+
+    def __init__(self, task, data, reference: Path, cfg, device: str):
+        from compress.lm_data import TokenStream
+
+        self.task, self.cfg, self.device, self.reference = task, cfg, device, Path(reference)
+        self.data_fingerprint = data.fingerprint
+        runner = self.runner(reference)
+        self.tokenizer = runner.tokenizer
+        self.split = task.encode(data, runner.tokenizer, cfg, model_config=runner.config, splits=("validation",))["validation"]
+        s = self.split
+        n = min(cfg.sensitivity_samples, self.MAX_SENSITIVITY_WINDOWS)
+        step = max(1, min(s.stride, s.block - 1))
+        end = min(len(s.tokens), s.block + (n - 1) * step)
+        self.subset = TokenStream(s.tokens[:end], chars=max(1, round(s.chars * end / len(s.tokens))), block=s.block,
+                                  stride=s.stride)
+        self.baseline = self._score(runner, self.split)
+        self.baseline_subset = self._score(runner, self.subset)["perplexity"]
+
+    def _score(self, runner, split) -> dict[str, float]:
+        return self.task.evaluate_runner(runner, split, self.cfg.eval_batch_size)
+
+    def runner(self, directory: Path, device: str | None = None):
+        return load_runner(directory, device=device or self.device, threads=self.cfg.threads,
+                           trust_remote_code=self.cfg.trust_remote_code)
+
+    def validation(self, directory: Path, device: str | None = None) -> dict[str, float]:
+        """perplexity, nll, bits_per_char, tokens and chars on the validation split."""
+        return self._score(self.runner(directory, device), self.split)
+
+    def sensitivity(self, directory: Path, device: str | None = None) -> float:
+        return self._score(self.runner(directory, device), self.subset)["perplexity"] - self.baseline_subset
+
+    def drop(self, metrics: dict[str, float]) -> float:
+        """The perplexity increase over fp32 (in perplexity units)."""
+        return metrics["perplexity"] - self.baseline["perplexity"]
+
+    def allowed(self, tolerance) -> float:
+        return tolerance.allowed(self.baseline["perplexity"])
+
+    def better(self, a: dict[str, float], b: dict[str, float]) -> bool:
+        return a["perplexity"] < b["perplexity"]
+
+    def increase_pct(self, metrics: dict[str, float]) -> float:
+        return round(100 * (metrics["perplexity"] / self.baseline["perplexity"] - 1), 4)
+
+    def step_record(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"perplexity": metrics["perplexity"], "increase_pct": self.increase_pct(metrics),
+                "bits_per_char": metrics["bits_per_char"]}
+
+    def validation_summary(self, before: dict, after: dict) -> dict[str, Any]:
+        return {"before": before, "after": after, "perplexity_increase_pct": self.increase_pct(after)}
+
+    def fallback_keys(self) -> tuple[str, str]:
+        return "sensitivity_perplexity_increase", "perplexity_after_fallback"
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"validation perplexity {metrics['perplexity']:.4f}"
+
+    def headline(self, tolerance, search) -> str:
+        b = self.baseline
+        base = (f"fp32 validation perplexity: {b['perplexity']:.4f} ({b['tokens']} tokens, {b['bits_per_char']:.4f} "
+                f"bits per character). Tolerance: {tolerance} of it")
+        return f"{base} (allowed increase {search.allowed:.4f})." if search else f"{base}."
+
+    step_headers = ("perplexity", "increase (%)", "bits per character")
+
+    def step_cells(self, step: dict) -> tuple[str, ...]:
+        return f"{step['perplexity']:.4f}", f"{step['increase_pct']:.2f}", f"{step['bits_per_char']:.4f}"
+
+
+def make_evaluator(task, data, reference: Path, cfg, device: str):
+    """The evaluator for artifacts of `task`: perplexity for a causal LM, accuracy otherwise."""
+    if task.higher_is_better:
+        return Evaluator(data, reference, cfg, device)
+    return LMEvaluator(task, data, reference, cfg, device)
+
 
 @dataclass
 class Candidate:
@@ -80,8 +216,8 @@ class Candidate:
     latency: dict[str, Any] | None = None
 
 
-def drop_of(evaluator: Evaluator, metrics: dict[str, float]) -> float:
-    return evaluator.baseline["accuracy"] - metrics["accuracy"]
+def drop_of(evaluator, metrics: dict[str, float]) -> float:
+    return evaluator.drop(metrics)
 
 
 def build(method, job, directory: Path, exclude: list[str]) -> dict[str, Any]:
@@ -120,7 +256,7 @@ def accuracy_aware(method, job, work: Path, evaluator: Evaluator, tolerance) -> 
     one seen) and the search record. Candidates that lose are deleted as it goes.
     """
     cfg = job.cfg
-    search = Search(allowed=tolerance.allowed(evaluator.baseline["accuracy"]))
+    search = Search(allowed=evaluator.allowed(tolerance))
     best = plain(method, job, work, evaluator, "step-0")
     run_device = best.info.get("run_device")
     search.steps.append(_step(0, None, best, evaluator))
@@ -136,11 +272,12 @@ def accuracy_aware(method, job, work: Path, evaluator: Evaluator, tolerance) -> 
     for i, layer in enumerate(layers):
         # Only this layer quantized: its own damage, not its share of everyone else's.
         build(method, job, probe, [other for other in layers if other != layer])
-        err = evaluator.logit_error(probe, run_device)
-        search.sensitivity.append({"layer": layer, "logit_mse": err})
-        print(f"  sensitivity {i + 1}/{len(layers)}: {layer}: logit MSE {err:.3g} when only it is quantized", flush=True)
+        err = evaluator.sensitivity(probe, run_device)
+        search.sensitivity.append({"layer": layer, evaluator.sensitivity_key: err})
+        print(f"  sensitivity {i + 1}/{len(layers)}: {layer}: {evaluator.sensitivity_label} {err:.3g} when only it "
+              "is quantized", flush=True)
     shutil.rmtree(probe, ignore_errors=True)
-    ranked = sorted(search.sensitivity, key=lambda s: -s["logit_mse"])
+    ranked = sorted(search.sensitivity, key=lambda s: -s[evaluator.sensitivity_key])
 
     exclude: list[str] = []
     for n, s in enumerate(ranked[:limit], start=1):
@@ -150,8 +287,8 @@ def accuracy_aware(method, job, work: Path, evaluator: Evaluator, tolerance) -> 
         cand = Candidate(d, list(exclude), info, evaluator.validation(d, run_device))
         search.steps.append(_step(n, s, cand, evaluator))
         met = drop_of(evaluator, cand.metrics) <= search.allowed + 1e-12
-        # Keep the most accurate model seen; on a tie the one with fewer fallbacks (found first).
-        if met or cand.metrics["accuracy"] > best.metrics["accuracy"]:
+        # Keep the best model seen; on a tie the one with fewer fallbacks (found first).
+        if met or evaluator.better(cand.metrics, best.metrics):
             shutil.rmtree(best.directory, ignore_errors=True)
             best = cand
         else:
@@ -162,11 +299,10 @@ def accuracy_aware(method, job, work: Path, evaluator: Evaluator, tolerance) -> 
     return best, search
 
 
-def _step(n: int, sens: dict | None, cand: Candidate, evaluator: Evaluator) -> dict[str, Any]:
+def _step(n: int, sens: dict | None, cand: Candidate, evaluator) -> dict[str, Any]:
     return {"step": n, "fallback_layer": sens["layer"] if sens else None,
-            "sensitivity": sens["logit_mse"] if sens else None, "fallback_count": len(cand.exclude),
-            "accuracy": cand.metrics["accuracy"], "drop_points": round(100 * drop_of(evaluator, cand.metrics), 4),
-            "agreement": cand.metrics["agreement"]}
+            "sensitivity": sens[evaluator.sensitivity_key] if sens else None, "fallback_count": len(cand.exclude),
+            **evaluator.step_record(cand.metrics)}
 
 
 # --------------------------------------------------------------------------- --method auto
@@ -228,14 +364,10 @@ def auto(methods, make_job, work: Path, evaluator: Evaluator, tolerance, texts: 
 
 # --------------------------------------------------------------------------- explanation
 
-def tuning_markdown(baseline: dict, tolerance, search: Search | None, auto_rows: list[dict] | None,
+def tuning_markdown(evaluator, tolerance, search: Search | None, auto_rows: list[dict] | None,
                     chosen: Candidate) -> str:
     """The human-readable account of accuracy-aware mode / auto, written as tuning.md."""
-    lines = ["# Quantization tuning", "",
-             f"fp32 validation accuracy: {baseline['accuracy']:.4f} (n={baseline['n']}). "
-             f"Tolerance: {tolerance} (allowed drop {100 * (search.allowed if search else 0):.2f} points)."
-             if search else f"fp32 validation accuracy: {baseline['accuracy']:.4f} (n={baseline['n']}). Tolerance: {tolerance}.",
-             ""]
+    lines = ["# Quantization tuning", "", evaluator.headline(tolerance, search), ""]
     if auto_rows is not None:
         lines += ["## Methods tried (--method auto)", "", "| method | accuracy | drop (points) | p50 ms (b1) | meets goal |",
                   "|---|---|---|---|---|"]
@@ -247,19 +379,21 @@ def tuning_markdown(baseline: dict, tolerance, search: Search | None, auto_rows:
                              f"{'yes' if r['met'] else 'no'} |")
         lines.append("")
     if search is not None:
-        lines += ["## Fallback steps", "", "| step | layer returned to full precision | sensitivity (logit MSE) "
-                  "| fallback layers | accuracy | drop (points) | agreement with fp32 |", "|---|---|---|---|---|---|---|"]
+        key, label = evaluator.sensitivity_key, evaluator.sensitivity_label
+        lines += ["## Fallback steps", "", f"| step | layer returned to full precision | sensitivity ({label}) "
+                  f"| fallback layers | {' | '.join(evaluator.step_headers)} |", "|---|---|---|---|---|---|---|"]
         for s in search.steps:
             sens = "" if s["sensitivity"] is None else f"{s['sensitivity']:.3g}"
             lines.append(f"| {s['step']} | {s['fallback_layer'] or '(all quantized)'} | {sens} | {s['fallback_count']} | "
-                         f"{s['accuracy']:.4f} | {s['drop_points']:.2f} | {s['agreement']:.4f} |")
+                         f"{' | '.join(evaluator.step_cells(s))} |")
         lines += ["", "Goal met." if search.met else "Goal NOT met: the most accurate candidate was kept.", ""]
         if search.sensitivity:
-            lines += ["## Layer sensitivity", "", "Logit MSE against fp32 on the sensitivity subset when only "
-                      "this layer is quantized.", "", "| layer | logit MSE |", "|---|---|"]
-            for s in sorted(search.sensitivity, key=lambda s: -s["logit_mse"]):
-                lines.append(f"| {s['layer']} | {s['logit_mse']:.4g} |")
+            lines += ["## Layer sensitivity", "", f"{label[0].upper() + label[1:]} against fp32 when only "
+                      f"this layer is quantized{' (sensitivity subset)' if key == 'logit_mse' else ''}.", "",
+                      f"| layer | {label} |", "|---|---|"]
+            for s in sorted(search.sensitivity, key=lambda s: -s[key]):
+                lines.append(f"| {s['layer']} | {s[key]:.4g} |")
             lines.append("")
     lines.append(f"Kept: {chosen.info.get('method', '')} with {len(chosen.exclude)} fallback layer(s): "
-                 f"{', '.join(chosen.exclude) or 'none'}; validation accuracy {chosen.metrics['accuracy']:.4f}.")
+                 f"{', '.join(chosen.exclude) or 'none'}; {evaluator.describe(chosen.metrics)}.")
     return "\n".join(lines) + "\n"

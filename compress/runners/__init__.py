@@ -4,6 +4,12 @@ A runner knows three things: its tokenizer, how to turn a padded batch into logi
 what it is (format, device). Evaluation, the export parity gate, accuracy-aware
 quantization and the benchmark all go through `load_runner`, so a new backend is one
 module in this package (`pytorch`, `ort`, `torch_int8`, `bnb`) and one line in `RUNNERS`.
+
+A causal-LM runner also decodes with its KV cache (`LMRunner`): `start` runs a prompt,
+`step` runs one token against the cache, and `generate` is the one sampling loop every
+runner shares (`compress.runners.decode`). The PyTorch-backed runners get these from
+`compress.runners.torch_lm` (transformers' DynamicCache); the ONNX Runtime runner runs the
+graph's past key values itself (`compress.runners.ort`).
 """
 
 from __future__ import annotations
@@ -28,9 +34,27 @@ class Runner(Protocol):
     device: str
     tokenizer: object
     config: object  # the transformers config (labels, sizes)
+    task: object  # the artifact's Task (compress.tasks)
 
     def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Logits for a right-padded batch of int64 arrays (input_ids, attention_mask[, token_type_ids])."""
+        """Logits for a right-padded batch of int64 arrays (input_ids, attention_mask[, token_type_ids]):
+        [b, classes] for a classifier, [b, t, vocab] for a causal LM (no cache)."""
+
+
+class LMRunner(Runner, Protocol):
+    """What every runner of a causal-LM artifact adds (bench, eval and `compress generate` use it)."""
+
+    def start(self, input_ids: np.ndarray) -> tuple[np.ndarray, object]:
+        """Run equal-length prompts [b, t] (prefill): (logits of the last position [b, vocab], KV-cache state)."""
+
+    def step(self, token_ids: np.ndarray, state: object) -> tuple[np.ndarray, object]:
+        """One cached decode step for tokens [b]: (logits [b, vocab], the next state). Always pass the state
+        the previous call returned (PyTorch's DynamicCache grows in place; ONNX Runtime's state is new each step)."""
+
+    def generate(self, input_ids: np.ndarray, *, max_new_tokens: int, sampling: dict,
+                 on_token: Callable[[list[int]], None] | None = None) -> np.ndarray:
+        """New token ids ([n] for one prompt, [b, n] for several) from the shared sampling loop
+        (`compress.runners.decode`): temperature (0 = greedy), top_k, top_p; stops at EOS."""
 
 
 # format (the manifest's `format`) -> runner class. A new backend is one module in this

@@ -7,7 +7,8 @@ On disk (`format: torch-int8`), one `model.safetensors`:
   - `<module>.weight.uint8` (uint8, [rows, dim]), `<module>.weight.scale` and
     `<module>.weight.zero_point` (float32, [rows]) for a quantized Embedding;
   - every other tensor under its usual state_dict name, in fp32;
-  - metadata `{"format": "torch-int8", "version": "1", "modules": JSON {name: kind}}`.
+  - metadata `{"format": "torch-int8", "version": "1", "modules": JSON {name: kind}}`, and
+    `"conv1d_as_linear": "1"` when GPT-2's Conv1D projections were quantized as Linear layers.
 The runner rebuilds the architecture from config.json, swaps in quantized modules and
 loads those tensors, so nothing is pickled and nothing runs code from the file.
 """
@@ -21,6 +22,7 @@ import numpy as np
 
 from compress.anatomy import model_inputs
 from compress.errors import UserError
+from compress.runners.torch_lm import TorchDecoder
 
 WEIGHTS = "model.safetensors"
 
@@ -35,6 +37,41 @@ def quiet_torch_ao():
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.ao")
 
 
+def model_class(config):
+    """The transformers class that config.json's `architectures` names (e.g. GPT2LMHeadModel,
+    BertForSequenceClassification); AutoModelForSequenceClassification when it names none."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForSequenceClassification
+
+
+def conv1d_to_linear(model) -> list[str]:
+    """Replace GPT-2's Conv1D projections (weight [in, out]) by equivalent nn.Linear modules
+    (weight [out, in]) in place, so that torch.ao's quantize_dynamic, which takes nn.Linear
+    only, quantizes them. Returns the names of the replaced modules."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Conv1D):
+            continue
+        n_in, n_out = module.weight.shape
+        linear = torch.nn.Linear(n_in, n_out, bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.t())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        replaced.append(name)
+    return replaced
+
+
 def load_quantized(directory: Path, trust_remote_code: bool = False):
     """Rebuild a model saved by `save_quantized` (quantized modules included), in eval mode."""
     import torch
@@ -42,7 +79,7 @@ def load_quantized(directory: Path, trust_remote_code: bool = False):
     from safetensors.torch import load_file
     from torch.ao.nn.quantized import Embedding as QEmbedding
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     path = directory / WEIGHTS
     if not path.is_file():
@@ -55,7 +92,11 @@ def load_quantized(directory: Path, trust_remote_code: bool = False):
     quiet_torch_ao()
     tensors = load_file(str(path))
     config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code).eval()
+    cls = model_class(config)
+    model = (cls.from_config(config, trust_remote_code=trust_remote_code) if hasattr(cls, "from_config")
+             else cls(config)).eval()
+    if meta.get("conv1d_as_linear") == "1":
+        conv1d_to_linear(model)  # the quantized GPT-2 projections were stored as Linear layers
     floats = {k: v for k, v in tensors.items() if not k.startswith(tuple(n + "." for n in modules))}
     # The float tensors go in before the swap: quantized modules load only their packed form.
     _, unexpected = model.load_state_dict(floats, strict=False)
@@ -82,8 +123,9 @@ def load_quantized(directory: Path, trust_remote_code: bool = False):
     return model
 
 
-class TorchInt8Runner:
-    """Runs a torch-int8 artifact (PyTorch's quantized kernels are CPU-only)."""
+class TorchInt8Runner(TorchDecoder):
+    """Runs a torch-int8 artifact (PyTorch's quantized kernels are CPU-only); a causal LM
+    decodes with the KV cache (`compress.runners.torch_lm`)."""
 
     format = "torch-int8"
 
@@ -93,6 +135,7 @@ class TorchInt8Runner:
         from transformers import AutoConfig
 
         from compress.models import load_tokenizer
+        from compress.tasks.registry import task_for_artifact
 
         if device != "cpu":
             raise UserError("A torch-int8 artifact runs on the CPU only (PyTorch's dynamic int8 kernels); use --device cpu.")
@@ -100,7 +143,10 @@ class TorchInt8Runner:
             torch.set_num_threads(threads)
         self.model = load_quantized(Path(directory), trust_remote_code)
         self.tokenizer = load_tokenizer(directory, trust_remote_code)
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token is not None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+        self.task = task_for_artifact(directory)
         self.device = device
 
     def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
