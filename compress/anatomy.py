@@ -45,10 +45,67 @@ def layer_list(model):
 
     n = model.config.num_hidden_layers
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and re.search(r"(^|\.)(layer|layers)$", name):
+        # `h` is GPT-2's name for its stack (transformer.h).
+        if isinstance(module, nn.ModuleList) and len(module) == n and re.search(r"(^|\.)(layer|layers|h)$", name):
             return name, module
     raise UserError(
         f"Cannot find the Transformer layers of this {type(model).__name__}: compress finds the layer stack of "
-        "BERT-like encoders (BERT, RoBERTa, MiniLM, DistilBERT, ...). Use a size spec or a model directory "
-        "as the student instead."
+        "BERT-like encoders (BERT, RoBERTa, MiniLM, DistilBERT, ...) and of GPT-2 and Llama-like decoders "
+        "(Llama, Qwen2, Mistral). Use a size spec or a model directory as the student instead."
     )
+
+
+# --------------------------------------------------------------------------- decoders (causal LMs)
+
+# Inside one decoder layer. GPT-2 keeps q, k and v fused in one Conv1D (`attn.c_attn`, weight
+# [in, out]) and its MLP in Conv1Ds too; Llama-like decoders (Llama, Qwen2, Mistral) have one
+# nn.Linear (weight [out, in]) per projection, grouped-query attention (`num_key_value_heads`)
+# and a gated MLP (act(gate(x)) * up(x) -> down).
+DECODER_LAYOUTS = {
+    "gpt2": {"attention": "attn", "query": "attn.c_attn", "output": "attn.c_proj",
+             "mlp_in": ("mlp.c_fc",), "mlp_out": "mlp.c_proj", "width_key": "n_inner", "conv1d": True},
+    "llama": {"attention": "self_attn", "query": "self_attn.q_proj", "key": "self_attn.k_proj",
+              "value": "self_attn.v_proj", "output": "self_attn.o_proj",
+              "mlp_in": ("mlp.gate_proj", "mlp.up_proj"), "mlp_out": "mlp.down_proj",
+              "width_key": "intermediate_size", "conv1d": False},
+}
+# Config entries with one value per layer (Qwen2's `layer_types`): a student keeps its layers' ones.
+PER_LAYER_CONFIG_KEYS = ("layer_types",)
+
+
+def decoder_layout(model) -> tuple[str, dict]:
+    """(name, parts) of the decoder layout of `model`'s layers: 'gpt2' or 'llama' (DECODER_LAYOUTS).
+
+    Raises:
+        UserError: the layers are neither (then decoder pruning does not apply).
+    """
+    _, layers = layer_list(model)
+    first = layers[0]
+    for name, parts in DECODER_LAYOUTS.items():
+        try:
+            first.get_submodule(parts["output"])
+            first.get_submodule(parts["mlp_out"])
+        except AttributeError:
+            continue
+        return name, parts
+    raise UserError(f"The layers of this {type(model).__name__} are neither GPT-2-like (attn.c_attn, mlp.c_fc) nor "
+                    "Llama-like (self_attn.q_proj, mlp.gate_proj): compress cannot find their attention heads and "
+                    "MLP units. Drop --prune-heads/--prune-ffn for this model.")
+
+
+def head_dim(config) -> int:
+    """Width of one attention head (an explicit `head_dim`, else hidden / heads)."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def mlp_width(model) -> int:
+    """Units of each decoder layer's MLP (GPT-2's n_inner may be None: 4 x hidden)."""
+    _, parts = decoder_layout(model)
+    value = getattr(model.config, parts["width_key"], None)
+    return int(value) if value else 4 * model.config.hidden_size
+
+
+def embeddings_tied(model) -> bool:
+    """True when the LM head shares its weight tensor with the input embedding."""
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight

@@ -7,7 +7,7 @@ no file the user already had (the scene directory, the teacher) is touched. Most
 `compress.cli.main` in this process with file-descriptor capture (which also sees library
 log lines and C-level prints); rows with `process=True` run `python -m compress` for real.
 To add a row, append a `Case`; placeholders: {d} the scene directory (see `scene`), {teacher}
-a trained tiny classifier, {csv} a directory of train/validation/test CSVs, {out} a fresh
+a trained tiny classifier, {lm} a trained tiny causal LM, {csv} a directory of train/validation/test CSVs, {out} a fresh
 path for this row that must not exist afterwards.
 """
 
@@ -91,6 +91,21 @@ CASES = [
          out="{d}/existing"),
     Case("distill: student deeper than the teacher", ["distill", "--teacher", "{teacher}", "--student", "layers=9",
                                                        "--out", "{out}"], 2, "layers"),
+    # distill, causal LMs ({lm}: a tiny trained GPT-2 with 2 layers and 1000 token ids)
+    Case("distill: LM student with another tokenizer", ["distill", "--teacher", "{lm}", "--student", "{d}/other-lm",
+                                                         "--out", "{out}"], 2, ("{d}/other-lm", "different tokenizer")),
+    Case("distill: LM student spec deeper than the teacher",
+         ["distill", "--teacher", "{lm}", "--student", "gpt2:layers=3,hidden=64,heads=4", "--out", "{out}"], 2,
+         ("gpt2:layers=3,hidden=64,heads=4", "more than the teacher's 2")),
+    Case("distill: LM student layers beyond the teacher", ["distill", "--teacher", "{lm}", "--student", "layers=5",
+                                                            "--out", "{out}"], 2, ("asks for 5 layers", "teacher has 2")),
+    Case("distill: --top-k larger than the vocabulary", ["distill", "--teacher", "{lm}", "--top-k", "5000",
+                                                         "--out", "{out}"], 2, ("--top-k 5000", "vocabulary")),
+    Case("distill: temperature 0 for an LM", ["distill", "--teacher", "{lm}", "--temperature", "0", "--out", "{out}"], 2,
+         ("temperature", "greater than 0")),
+    Case("distill: a classifier as the teacher of an LM student",
+         ["distill", "--teacher", "{teacher}", "--student", "gpt2:layers=1,hidden=64,heads=4", "--out", "{out}"], 2,
+         ("is a classification model", "causal-lm teacher")),
     # export
     Case("export: model missing", ["export", "--model", "{d}/nope", "--out", "{out}"], 2, "{d}/nope"),
     Case("export: not a model", ["export", "--model", "{d}/notes", "--out", "{out}"], 2, ("{d}/notes", "not an artifact")),
@@ -155,7 +170,7 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def scene(tmp_path_factory, tiny_teacher):
+def scene(tmp_path_factory, tiny_teacher, tiny_lm):
     """Bad inputs as a new user makes them, and directories the user owns."""
     import torch
     from safetensors.torch import load_file
@@ -174,6 +189,13 @@ def scene(tmp_path_factory, tiny_teacher):
     torch.save(load_file(str(tiny_teacher / "model.safetensors")), pickled / "pytorch_model.bin")
     (d / "notes").mkdir()
     (d / "notes" / "readme.txt").write_text("not a model\n")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from compress.models import train_byte_bpe
+
+    other = train_byte_bpe(["entirely other words, in another text altogether"] * 20, vocab_size=300)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(other), n_embd=16, n_layer=1, n_head=2)).save_pretrained(d / "other-lm")
+    other.save_pretrained(d / "other-lm")
     (d / "bad.jsonl").write_text('{"text": "a fine film", "label": 1}\n{"text": "a dull one", "label": 0\n'
                                  '{"text": "more", "label": 1}\n')
     (d / "bad.json").write_text('[{"text": "a fine film", "label": 1},\n {"text": "a dull one" "label": 0}]\n')
@@ -225,12 +247,13 @@ def _run(case: Case, argv: list[str], cwd: Path, capfd) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case, scene, tiny_teacher, tiny_csv_dir, tmp_path, capfd, monkeypatch):
+def test_bad_input(case, scene, tiny_teacher, tiny_csv_dir, tiny_lm, tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(scene)  # recipes put their default output_dir under the working directory
-    places = {"d": str(scene), "teacher": str(tiny_teacher), "csv": str(tiny_csv_dir), "out": str(tmp_path / "out")}
+    places = {"d": str(scene), "teacher": str(tiny_teacher), "csv": str(tiny_csv_dir), "lm": str(tiny_lm),
+              "out": str(tmp_path / "out")}
     argv = [_fill(a, places) for a in case.argv]
     out = Path(_fill(case.out, places))
-    before = _tree(scene, tiny_teacher, tiny_csv_dir)
+    before = _tree(scene, tiny_teacher, tiny_csv_dir, tiny_lm)
     capfd.readouterr()
 
     code, stdout, stderr = _run(case, argv, scene, capfd)
@@ -243,7 +266,7 @@ def test_bad_input(case, scene, tiny_teacher, tiny_csv_dir, tmp_path, capfd, mon
     assert "\n\n" not in paragraph, stderr  # one paragraph
     for says in [case.says] if isinstance(case.says, str) else case.says:
         assert _fill(says, places) in " ".join(stderr.split()), stderr  # the message is wrapped at 100 columns
-    assert _tree(scene, tiny_teacher, tiny_csv_dir) == before, "a file the user had was changed"
+    assert _tree(scene, tiny_teacher, tiny_csv_dir, tiny_lm) == before, "a file the user had was changed"
     if not str(out).startswith(str(scene)) or str(out) not in before:
         assert not out.exists() and not out.is_symlink(), f"{out} was left behind"
     assert not (scene / "pwned").exists()

@@ -67,3 +67,24 @@ def test_two_processes_match_one_causal_lm(tmp_path):
     assert l2[-1] == pytest.approx(l1[-1], abs=1e-4), (l1, l2)
     t1, t2 = (json.loads((d / "manifest.json").read_text())["metrics"]["test"] for d in (one, two))
     assert t1["tokens"] == t2["tokens"] and t2["perplexity"] == pytest.approx(t1["perplexity"], rel=1e-3)
+
+
+def test_two_processes_match_one_lm_distillation(tmp_path, tiny_lm):
+    """LM distillation under torchrun: each rank scores its share of the top-k cache into the
+    shared memory maps, trains on its slice of each batch, and the result matches one process."""
+    from conftest import hamlet_path
+
+    args = ["distill", "--teacher", str(tiny_lm), "--student", "layers=1", "--dataset", str(hamlet_path()),
+            "--max-length", "64", "--max-steps", "8", "--batch-size", "16", "--lr", "0.003", "--top-k", "16"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1, r2 = _train(one, 1, args), _train(two, 2, args)
+    assert r1.returncode == 0 and r2.returncode == 0, (r1.stderr[-2000:], r2.stderr[-3000:])
+    l1, l2 = _losses(one), _losses(two)
+    assert l2[-1] == pytest.approx(l1[-1], abs=1e-4), (l1, l2)
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert m1["teacher_cache"]["bytes_on_disk"] == m2["teacher_cache"]["bytes_on_disk"]
+    assert m1["teacher_forward_calls"] == m2["teacher_forward_calls"] == {"training": 0}
+    for key in ("metrics", "baseline"):
+        t1, t2 = m1[key]["test"], m2[key]["test"]
+        assert t1["tokens"] == t2["tokens"] and t2["perplexity"] == pytest.approx(t1["perplexity"], rel=1e-3)
+    assert not list(tmp_path.glob("*.work"))

@@ -1,10 +1,11 @@
-"""`compress distill`: train a smaller student to imitate a fine-tuned teacher.
+"""`compress distill`: train a smaller student to imitate a teacher (a classifier or a causal LM).
 
 Distillation is the ordinary training loop (`compress.loop.fit`) with a different loss:
 soft targets from the teacher (cached once, before training), optionally hidden-state and
 attention matching between mapped layers. Unless `--no-baseline`, the same student (same
 initial weights, same schedule) is also trained on hard labels only, so every report shows
-what distillation bought. See docs/distill.md.
+what distillation bought. The teacher's task picks the flow: classifiers below, causal LMs in
+`compress/distill/lm.py` (top-k teacher cache, token-level KL losses). See docs/distill.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from compress.errors import UserError
 from compress.lineage import inherits_data
 from compress.loop import LoopConfig, fit, prepare_work_dir
 from compress.tasks.classification import ClassificationTask, label_loss, predict_logits
+from compress.tasks.lm_kd import LM_LOSSES
+from compress.tasks.registry import task_for_artifact
 from compress.metrics import classification_metrics
 from compress.models import load_classifier
 from compress.train import check_output, save_artifact
@@ -37,14 +40,18 @@ FFN_SAMPLE = 512  # training examples that rank the heads and feed-forward units
 
 
 class DistillConfig(LoopConfig):
-    """Distil a fine-tuned classifier (the teacher) into a smaller student."""
+    """Distil a teacher (a fine-tuned classifier or a causal LM) into a smaller student."""
 
-    teacher: str = Field(..., description="directory of a fine-tuned sequence classifier (e.g. made by compress train)")
-    student: str = Field("layers=2", description="layers=K or layers=I,J (copy teacher layers), a size spec like bert:layers=2,hidden=256,heads=4,ff=1024, or a local model directory")
+    teacher: str = Field(..., description="directory of the teacher: a fine-tuned sequence classifier or a causal LM (e.g. made by compress train)")
+    student: str = Field("layers=2", description="layers=K or layers=I,J (copy teacher layers), a size spec like bert:layers=2,hidden=256,heads=4,ff=1024 (classifier) or gpt2:layers=2,hidden=256,heads=4 / llama:... (causal LM), or a local model directory with the teacher's tokenizer")
     out: str = Field(..., description="output artifact directory")
-    losses: list[str] = Field(["logits", "hidden"], description="comma-separated losses besides hard-label CE: logits (soft targets), hidden (hidden-state MSE), attention (attention KL)")
-    temperature: float = Field(2.0, gt=0, description="softmax temperature of the soft targets (the KL is scaled by T^2)")
+    losses: list[str] | None = Field(None, description="comma-separated losses besides hard-label / next-token CE. Classifier: logits (soft targets), hidden (hidden-state MSE), attention (attention KL); default logits,hidden. Causal LM: forward_kl (= logits), reverse_kl, skew_kl, skew_reverse_kl, jsd, hidden, each optionally name:weight; default forward_kl")
+    temperature: float | None = Field(None, gt=0, description="softmax temperature of the soft targets (the KL is scaled by T^2); default 2 for classifiers, 1 for causal LMs")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target KL; hard-label CE gets 1 - alpha")
+    top_k: int = Field(32, ge=1, description="causal LM: keep the teacher's k most likely next tokens per position (plus the leftover mass) in the on-disk cache")
+    teacher_online: bool = Field(False, description="causal LM: run the teacher on every batch and distil from its full distribution instead of the top-k cache")
+    skew: float = Field(0.1, gt=0, lt=1, description="causal LM: the mixing weight a of skew_kl = KL(p || a p + (1-a) q) and skew_reverse_kl")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="causal LM: beta of the generalized JSD (jsd) between teacher p and student q")
     hidden_weight: float = Field(1.0, ge=0, description="weight of the hidden-state MSE")
     attention_weight: float = Field(1.0, ge=0, description="weight of the attention-distribution KL")
     layer_map: str = Field("uniform", description="student->teacher layers for hidden/attention losses: uniform, last, or pairs like 1:3,2:6 (1-based)")
@@ -62,10 +69,12 @@ class DistillConfig(LoopConfig):
 
     @field_validator("losses")
     @classmethod
-    def _known_losses(cls, value: list[str]) -> list[str]:
-        unknown = [n for n in value if n not in LOSS_NAMES]
+    def _known_losses(cls, value: list[str] | None) -> list[str] | None:
+        known = LOSS_NAMES + tuple(n for n in LM_LOSSES if n not in LOSS_NAMES)
+        unknown = [n for n in value or [] if n.partition(":")[0].strip() not in known]
         if unknown:
-            raise ValueError(f"unknown loss {', '.join(map(repr, unknown))}; choose from {', '.join(LOSS_NAMES)}")
+            raise ValueError(f"unknown loss {', '.join(map(repr, unknown))}; choose from {', '.join(LOSS_NAMES)} "
+                             f"(classifiers) or {', '.join(LM_LOSSES)} (causal LMs)")
         return value
 
 
@@ -125,9 +134,31 @@ def render_report(rows: list[dict], vocab: dict | None, settings: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def teacher_task(cfg: DistillConfig):
+    """The task of the teacher artifact (its manifest, else its config); `--task` must agree, and a
+    causal-LM student spec needs a causal-LM teacher."""
+    from compress.models import SPEC_ARCHS, check_model_dir
+
+    p = Path(cfg.teacher)
+    if not p.exists():
+        raise UserError(f"The teacher directory '{cfg.teacher}' does not exist. Pass --teacher DIR, a classifier or "
+                        "causal LM made by `compress train` (or any local sequence-classification or causal-LM model).")
+    check_model_dir(p)
+    task = task_for_artifact(p, cfg.task)
+    arch = cfg.student.split(":", 1)[0] if ":" in cfg.student else None
+    if arch in SPEC_ARCHS and SPEC_ARCHS[arch] != task.name:
+        raise UserError(f"The student spec '{cfg.student}' builds a {SPEC_ARCHS[arch]} model, but the teacher "
+                        f"'{cfg.teacher}' is a {task.name} model. Distil a {SPEC_ARCHS[arch]} student from a "
+                        f"{SPEC_ARCHS[arch]} teacher (compress train --task {SPEC_ARCHS[arch]} ...), or give a "
+                        f"{task.name} student.")
+    return task
+
+
 @inherits_data("teacher")
 def distill(cfg: DistillConfig) -> Path:
     """Distil `cfg.teacher` into the student `cfg.student` on `cfg.dataset`; write it to `cfg.out`.
+
+    The teacher's task picks the flow (FLOWS): classifiers here, causal LMs in `distill.lm`.
 
     Returns:
         The student artifact directory (save_pretrained layout, manifest.json with test metrics of
@@ -135,16 +166,30 @@ def distill(cfg: DistillConfig) -> Path:
     """
     import torch
 
-    from compress.hardware import resolve_device, resolve_precision
-    from compress.distill.prune_ffn import prune_ffn
-    from compress.distill.prune_heads import prune_heads
-    from compress.distill.prune_vocab import prune_vocab, unk_share
+    from compress.hardware import resolve_device
 
     out = Path(cfg.out)
     work = check_output(out, cfg.force)
     device = dist.setup(resolve_device(cfg.device))  # before any rank touches the work directory
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # the cache passes run before fit() would set it
+    task = teacher_task(cfg)
+    return FLOWS[task.name](cfg, task, out, work, device)
+
+
+def _distill_classifier(cfg: DistillConfig, task, out: Path, work: Path, device: str) -> Path:
+    import torch
+
+    from compress.hardware import resolve_precision
+    from compress.distill.prune_ffn import prune_ffn
+    from compress.distill.prune_heads import prune_heads
+    from compress.distill.prune_vocab import prune_vocab, unk_share
+
+    cfg = cfg.model_copy(update={"losses": cfg.losses if cfg.losses is not None else list(task.default_distill_losses),
+                                 "temperature": cfg.temperature or task.default_temperature})
+    if cfg.teacher_online:
+        raise UserError("--teacher-online applies to causal-LM teachers; a classifier's logits are always cached "
+                        "(they are one vector per example). Drop --teacher-online.")
     teacher, t_tok = load_teacher(cfg.teacher)
     teacher.eval()
     for p in teacher.parameters():
@@ -330,3 +375,13 @@ def _selection(val: EncodedSplit, cfg: DistillConfig) -> dict:
 def _row(metrics: dict, model, size: int) -> dict:
     return {"test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
             "parameters": _params(model), "size_bytes": size, "test": metrics}
+
+
+def _distill_causal_lm(cfg: DistillConfig, task, out: Path, work: Path, device: str) -> Path:
+    from compress.distill.lm import distill_causal_lm
+
+    return distill_causal_lm(cfg, task, out, work, device)
+
+
+# The teacher's task -> its distillation flow.
+FLOWS = {"classification": _distill_classifier, "causal-lm": _distill_causal_lm}

@@ -14,6 +14,7 @@ import numpy as np
 
 from compress.anatomy import MODEL_INPUTS
 from compress.errors import UserError
+from compress.tasks.lm_kd import hidden_mse  # one definition, shared with the LM losses
 
 LOSS_NAMES = ("logits", "hidden", "attention")
 
@@ -69,16 +70,6 @@ def soft_target_kl(student_logits, teacher_logits, temperature: float):
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * (t * t)
-
-
-def hidden_mse(student_h, teacher_h, mask, projection=None):
-    """Mean squared error over the real (non-padding) tokens of two hidden-state tensors."""
-    s = student_h.float()
-    if projection is not None:
-        s = projection(s).float()
-    m = mask.unsqueeze(-1).to(s.dtype)
-    diff = (s - teacher_h.float()) ** 2 * m
-    return diff.sum() / (m.sum() * s.shape[-1]).clamp_min(1.0)
 
 
 def attention_kl(student_att, teacher_att, mask):

@@ -19,6 +19,12 @@ class Task:
     #: the built-in dataset used when a stage names none.
     default_dataset: ClassVar[str]
 
+    #: distillation: the loss names `--losses` takes, the ones used when none are given, and the
+    #: default softmax temperature of the soft targets.
+    distill_losses: ClassVar[tuple[str, ...]] = ()
+    default_distill_losses: ClassVar[tuple[str, ...]] = ()
+    default_temperature: ClassVar[float] = 1.0
+
     def load_data(self, cfg) -> Any:
         """The three splits `cfg` (a DataConfig) names, as a `compress.data.Data`."""
         raise NotImplementedError
@@ -55,6 +61,17 @@ class Task:
             return self.evaluate(model, split, batch_size=batch_size, device=device, precision=precision, shard=True)
 
         return run
+
+    def teacher_targets(self, teacher, split, *, top_k: int, temperature: float, batch_size: int, device: str,
+                        precision: str, directory: Path, key: dict | None = None) -> Any:
+        """The teacher's soft targets for every training example of `split`, computed once before
+        distillation and kept in `directory` (a finished set with the same `key` is reused)."""
+        raise NotImplementedError
+
+    def distill_loss(self, teacher, targets, settings, projections=None):
+        """Distillation's (model, batch) -> (loss, parts) for `loop.fit`: soft targets from `targets`
+        (None: the teacher runs on every batch), mixed as `settings` say."""
+        raise NotImplementedError
 
     def bench_plan(self, cfg, model_config, name: str) -> list[dict]:
         """What `compress bench` times for an artifact of this task: its latency points.

@@ -18,6 +18,7 @@ from compress.errors import UserError
 from compress.hardware import autocast
 from compress.lm_data import TokenStream, encode_text, load_text
 from compress.tasks.base import Task
+from compress.tasks.lm_kd import LM_LOSSES, LMDistillLoss, TopKTargets
 
 
 
@@ -126,6 +127,9 @@ class CausalLMTask(Task):
     primary_metric = "perplexity"
     higher_is_better = False
     default_dataset = "austen"
+    distill_losses = LM_LOSSES
+    default_distill_losses = ("forward_kl",)
+    default_temperature = 1.0
 
     def load_data(self, cfg):
         return load_text(cfg)
@@ -198,3 +202,12 @@ class CausalLMTask(Task):
     def summary(self, metrics):
         return (f"perplexity {metrics['perplexity']:.2f}  NLL {metrics['nll']:.4f} nats/token  "
                 f"{metrics['bits_per_char']:.4f} bits/char")
+
+    def teacher_targets(self, teacher, split, *, top_k, temperature, batch_size, device, precision, directory,
+                        key=None):
+        """The teacher's top-k log-probabilities per training token plus the leftover mass (lm_kd.TopKTargets)."""
+        return TopKTargets.build(teacher, split.blocks, k=top_k, temperature=temperature, batch_size=batch_size,
+                                 device=device, precision=precision, directory=directory, key=key)
+
+    def distill_loss(self, teacher, targets, settings, projections=None):
+        return LMDistillLoss(teacher, targets, settings, projections)

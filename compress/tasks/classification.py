@@ -74,6 +74,10 @@ class ClassificationTask(Task):
     primary_metric = "accuracy"
     higher_is_better = True
     default_dataset = "rt-snippets"
+    # Distillation of classifiers keeps its own flow (compress/distill/__init__.py).
+    distill_losses = ("logits", "hidden", "attention")
+    default_distill_losses = ("logits", "hidden")
+    default_temperature = 2.0
 
     def load_data(self, cfg):
         return load_data(cfg)

@@ -1,0 +1,307 @@
+"""Token-level knowledge distillation for causal LMs: the teacher's top-k cache and the losses.
+
+Full teacher logits for every training token do not fit (Austen: ~1 M tokens x 8,192 ids x 4
+bytes = 33 GB), so one no-grad pass before training keeps, per token, the teacher's k most
+likely next-token ids, their log-probabilities at the distillation temperature, and the log of
+the probability mass left over. They live in numpy memory maps in the run's work directory
+(`teacher_topk/`), so the epochs read them from the page cache instead of running the teacher.
+
+Each KD loss is then computed *exactly* between two distributions over k + 1 buckets: the k
+cached ids and one "rest" bucket that holds everything else. The teacher's side is the cache
+(its rest is the cached leftover mass); the student's side is its full softmax, summed the
+same way (its own mass on the k ids, and its exact mass on all other ids). Merging ids into a
+bucket can only shrink a divergence (data processing), so the cached loss is a lower bound
+of the full-vocabulary one, equal to it where the teacher's rest is zero; its gradient moves
+the student's mass on the teacher's top-k ids and its total mass elsewhere, but not how it
+spreads that mass among the other ids. `--teacher-online` instead runs the teacher on every
+batch and uses all ids.
+
+Divergences (p = teacher, q = student, both at temperature T; each scaled by T^2 and
+averaged over real tokens):
+- forward_kl: KL(p || q) (Hinton et al.; mean-seeking);
+- reverse_kl: KL(q || p) (MiniLLM; mode-seeking);
+- skew_kl: KL(p || a p + (1 - a) q), skew_reverse_kl: KL(q || a q + (1 - a) p) (DistiLLM,
+  a = --skew): bounded, and a -> 0 gives the plain forward/reverse KL;
+- jsd: b KL(p || m) + (1 - b) KL(q || m), m = b p + (1 - b) q (GKD's generalized JSD,
+  b = --jsd-beta), between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress import distributed as dist
+from compress.errors import UserError
+from compress.hardware import autocast
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd")
+LM_LOSSES = DIVERGENCES + ("hidden",)
+LOSS_ALIASES = {"logits": "forward_kl"}  # the classifier's name for the soft-target loss
+_FLOOR = -1e4  # log-probabilities are clamped here, so exp() of a zero-mass bucket is 0, not nan
+
+
+# --------------------------------------------------------------------------- divergences
+
+def _kl(log_a, log_b):
+    """KL(a || b) along the last dimension, from log-probabilities."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _mix(log_a, log_b, weight: float):
+    """log(weight * a + (1 - weight) * b)."""
+    import torch
+
+    return torch.logsumexp(torch.stack([log_a + math.log(weight), log_b + math.log1p(-weight)]), dim=0)
+
+
+def divergence(name: str, log_p, log_q, *, skew: float = 0.1, beta: float = 0.5):
+    """Per-position divergence between teacher log-probs `log_p` and student log-probs `log_q`.
+
+    Both [..., n] over the same n outcomes (the vocabulary, or the k + 1 cache buckets).
+    Returns [...] (no temperature scaling, no averaging).
+    """
+    log_p, log_q = log_p.clamp_min(_FLOOR), log_q.clamp_min(_FLOOR)
+    if name == "forward_kl":
+        return _kl(log_p, log_q)
+    if name == "reverse_kl":
+        return _kl(log_q, log_p)
+    if name == "skew_kl":
+        return _kl(log_p, _mix(log_p, log_q, skew))
+    if name == "skew_reverse_kl":
+        return _kl(log_q, _mix(log_q, log_p, skew))
+    if name == "jsd":
+        m = _mix(log_p, log_q, beta)
+        return beta * _kl(log_p, m) + (1 - beta) * _kl(log_q, m)
+    raise UserError(f"Unknown divergence '{name}'. Choose from {', '.join(DIVERGENCES)}.")
+
+
+def bucket_log_probs(student_logits, ids, temperature: float, lse=None):
+    """The student's log-probabilities over the k cached ids plus one rest bucket, exactly.
+
+    Args:
+        student_logits: [b, t, vocab]; ids: [b, t, k] (int64).
+        lse: the log-sum-exp of `student_logits / temperature` over the vocabulary, [b, t, 1], when
+            the caller has it already (saves a pass over the logits).
+    Returns:
+        [b, t, k + 1]: log q(id) for each cached id, then log of q's mass on every other id.
+    """
+    import torch
+
+    z = student_logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    top = z.gather(-1, ids)
+    # The cached ids are masked with the most negative float, not -inf: when k is the whole
+    # vocabulary the rest is then ~-3e38 (clamped to _FLOOR later) and its gradient stays finite.
+    rest = torch.logsumexp(z.scatter(-1, ids, torch.finfo(z.dtype).min), dim=-1, keepdim=True)
+    return torch.cat([top, rest], dim=-1) - lse
+
+
+def hidden_mse(student_h, teacher_h, mask, projection=None):
+    """Mean squared error over the real (mask 1) tokens of two [b, t, width] hidden-state tensors."""
+    s = student_h.float()
+    if projection is not None:
+        s = projection(s).float()
+    m = mask.unsqueeze(-1).to(s.dtype)
+    diff = (s - teacher_h.float()) ** 2 * m
+    return diff.sum() / (m.sum() * s.shape[-1]).clamp_min(1.0)
+
+
+def masked_mean(values, mask):
+    """Mean of [b, t] `values` over the real tokens (`mask` 1), or over all when mask is None."""
+    if mask is None:
+        return values.mean()
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- the cache
+
+@dataclass
+class TopKTargets:
+    """The teacher's top-k next-token log-probabilities of every training position, memory-mapped.
+
+    Files in `directory`: ids (uint16 when the vocabulary fits, else int32) and logp (float16),
+    both [blocks, block, k]; rest (float32) [blocks, block], the log of the mass outside the k
+    ids; meta.json, written last, so a directory without it is an unfinished pass.
+    """
+
+    directory: Path
+    ids: np.ndarray
+    logp: np.ndarray
+    rest: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    FILES = ("ids.bin", "logp.bin", "rest.bin")
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum((self.directory / f).stat().st_size for f in self.FILES)
+
+    def batch(self, index, device):
+        """(ids int64 [b, t, k], teacher bucket log-probs float32 [b, t, k + 1]) of the blocks `index`."""
+        import torch
+
+        idx = np.asarray(index.cpu() if hasattr(index, "cpu") else index)
+        ids = torch.from_numpy(self.ids[idx].astype(np.int64))
+        logp = torch.from_numpy(np.concatenate([self.logp[idx].astype(np.float32), self.rest[idx][..., None]], -1))
+        return ids.to(device), logp.to(device)
+
+    @classmethod
+    def open(cls, directory: Path) -> "TopKTargets | None":
+        """The finished cache in `directory`, or None."""
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        n, t, k = meta["shape"]
+        return cls(directory, np.memmap(directory / "ids.bin", dtype=meta["ids_dtype"], mode="r", shape=(n, t, k)),
+                   np.memmap(directory / "logp.bin", dtype=np.float16, mode="r", shape=(n, t, k)),
+                   np.memmap(directory / "rest.bin", dtype=np.float32, mode="r", shape=(n, t)), meta)
+
+    @classmethod
+    def build(cls, teacher, blocks: np.ndarray, *, k: int, temperature: float, batch_size: int, device: str,
+              precision: str, directory: Path, key: dict | None = None) -> "TopKTargets":
+        """One no-grad teacher pass over `blocks` ([n, t] token ids); reuses a finished cache with the same key.
+
+        Under DDP each rank scores every world-th batch into the shared files (the work
+        directory is shared, as the checkpoints are).
+        """
+        import torch
+
+        vocab = teacher.config.vocab_size
+        if not 1 <= k <= vocab:
+            raise UserError(f"--top-k {k} must be between 1 and the teacher's vocabulary size ({vocab}).")
+        directory = Path(directory)
+        key = {"k": k, "temperature": temperature, "blocks": list(blocks.shape), **(key or {})}
+        found = cls.open(directory)
+        if found is not None and found.meta.get("key") == key:
+            return found
+        n, t = blocks.shape
+        ids_dtype = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "int32"
+        if dist.is_main():
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "meta.json").unlink(missing_ok=True)
+            for name, dtype, shape in (("ids.bin", ids_dtype, (n, t, k)), ("logp.bin", np.float16, (n, t, k)),
+                                       ("rest.bin", np.float32, (n, t))):
+                np.memmap(directory / name, dtype=dtype, mode="w+", shape=shape).flush()
+        dist.barrier()
+        ids = np.memmap(directory / "ids.bin", dtype=ids_dtype, mode="r+", shape=(n, t, k))
+        logp = np.memmap(directory / "logp.bin", dtype=np.float16, mode="r+", shape=(n, t, k))
+        rest = np.memmap(directory / "rest.bin", dtype=np.float32, mode="r+", shape=(n, t))
+        was_training = teacher.training
+        teacher.to(device).eval()
+        t0 = time.perf_counter()
+        starts = list(range(0, n, batch_size))[dist.rank()::dist.world_size()]
+        with torch.inference_mode(), autocast(device.split(":")[0], precision):
+            for s in starts:
+                x = torch.from_numpy(blocks[s:s + batch_size]).to(device)
+                z = teacher(input_ids=x).logits.float() / temperature
+                lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                top, top_ids = z.topk(k, dim=-1)
+                rest_lse = torch.logsumexp(z.scatter(-1, top_ids, float("-inf")), dim=-1)
+                ids[s:s + len(x)] = top_ids.cpu().numpy().astype(ids_dtype)
+                logp[s:s + len(x)] = (top - lse).cpu().numpy().astype(np.float16)
+                # A teacher with all its mass on k ids has log(0) here: floor it (exp -> 0).
+                rest[s:s + len(x)] = (rest_lse - lse[..., 0]).clamp_min(_FLOOR).cpu().numpy()
+        for m in (ids, logp, rest):
+            m.flush()
+        teacher.train(was_training)
+        seconds = dist.mean(time.perf_counter() - t0) if dist.world_size() > 1 else time.perf_counter() - t0
+        dist.barrier()
+        meta = {"key": key, "shape": [n, t, k], "ids_dtype": ids_dtype, "seconds": round(seconds, 2),
+                "mean_rest_mass": None}
+        if dist.is_main():
+            meta["mean_rest_mass"] = float(np.exp(rest[:min(n, 256)].astype(np.float64)).mean())
+            (directory / "meta.json").write_text(json.dumps(meta))
+        dist.barrier()
+        found = cls.open(directory)
+        assert found is not None
+        return found
+
+
+# --------------------------------------------------------------------------- the loss
+
+@dataclass
+class LMDistillSettings:
+    """What `LMDistillLoss` mixes; built by the distill stage from its config."""
+
+    divergences: dict[str, float]  # divergence name -> weight
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of the KD divergences; next-token CE gets 1 - alpha
+    skew: float = 0.1
+    beta: float = 0.5
+    hidden_weight: float = 0.0
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (student, teacher) layers, 1-based
+
+
+class LMDistillLoss:
+    """(model, batch) -> (loss, parts): next-token CE mixed with token-level KD and hidden-state MSE.
+
+    Args:
+        teacher: the teacher LM (eval mode, frozen); runs each step only when `targets` is None
+            (--teacher-online) or the hidden-state loss is on.
+        targets: a TopKTargets cache indexed by `batch["index"]`, or None for the full distribution.
+        settings: the divergences and weights.
+        projections: student->teacher width projections for the hidden loss (trainable), or None.
+    """
+
+    def __init__(self, teacher, targets: TopKTargets | None, settings: LMDistillSettings, projections=None):
+        self.teacher, self.targets, self.s = teacher, targets, settings
+        self.projections = projections
+        self.use_hidden = settings.hidden_weight > 0 and bool(settings.pairs)
+        self.needs_teacher_forward = targets is None or self.use_hidden
+
+    def __call__(self, model, batch: dict) -> tuple[Any, dict[str, float]]:
+        import torch
+
+        s = self.s
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=self.use_hidden)
+        logits = out.logits.float()
+        # Next-token CE from the same logits (positions 0..t-2 predict tokens 1..t-1); at T = 1 the
+        # KD terms reuse its log-sum-exp.
+        lse1 = torch.logsumexp(logits, dim=-1, keepdim=True)
+        target = batch["labels"][:, 1:]
+        ce_tok = lse1[:, :-1, 0] - logits[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        ce = masked_mean(ce_tok, mask[:, 1:] if mask is not None else None)
+        parts = {"ce": float(ce.detach())}
+        t_out = None
+        if self.needs_teacher_forward:
+            with torch.no_grad():
+                t_out = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=self.use_hidden)
+        if self.targets is not None:
+            t_ids, log_p = self.targets.batch(batch["index"], logits.device)
+            log_q = bucket_log_probs(logits, t_ids, s.temperature, lse1 if s.temperature == 1.0 else None)
+        else:
+            log_p = torch.log_softmax(t_out.logits.float() / s.temperature, dim=-1)
+            log_q = torch.log_softmax(logits / s.temperature, dim=-1)
+        kd = 0.0
+        for name, weight in s.divergences.items():
+            d = masked_mean(divergence(name, log_p, log_q, skew=s.skew, beta=s.beta), mask) * s.temperature ** 2
+            parts[name] = float(d.detach())
+            kd = kd + weight * d
+        total = s.alpha * kd + (1 - s.alpha) * ce if s.divergences else ce
+        if self.use_hidden:
+            m = mask if mask is not None else torch.ones_like(ids)
+            h = sum(hidden_mse(out.hidden_states[a], t_out.hidden_states[b], m,
+                               self.projections[f"{a}_{b}"] if self.projections is not None else None)
+                    for a, b in s.pairs) / len(s.pairs)
+            total = total + s.hidden_weight * h
+            parts["hidden"] = float(h.detach())
+        return total, parts
