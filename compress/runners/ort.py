@@ -7,9 +7,9 @@ A causal-LM graph in optimum's `text-generation-with-past` layout (inputs `input
 `attention_mask`, `position_ids` where the model takes them, `past_key_values.{i}.key|value`
 [b, kv_heads, past, head_dim]; outputs `logits`, `present.{i}.key|value`) is run by the
 decode loop in `OrtDecoder`: `logits` feeds an empty cache, `start` runs the prompt and keeps
-the presents, `step` feeds one token and the previous presents. The cache stays in ONNX
-Runtime's own buffers between steps (I/O binding), so it is never copied through numpy
-(docs/export.md#the-onnx-runtime-runner).
+the presents, `step` feeds one token and the previous presents. On CUDA the cache stays in
+ONNX Runtime's device buffers between steps (I/O binding); on the CPU it goes through numpy,
+which measured as fast (benchmarks/results/lm_decode_io.md).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class OrtRunner(OrtDecoder):
 
     def __init__(self, directory: Path, device: str = "cpu", threads: int | None = None,
                  onnx_file: str | None = None, session_config: dict[str, str] | None = None, *,
-                 trust_remote_code: bool = False, io_binding: bool = True):
+                 trust_remote_code: bool = False, io_binding: bool | None = None):
         import onnxruntime as ort
         from transformers import AutoConfig
 
@@ -171,7 +171,9 @@ class OrtRunner(OrtDecoder):
         self.tokenizer = load_tokenizer(directory, trust_remote_code)
         self.config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
         self.task = task_for_artifact(directory)
-        self.io_binding = io_binding
+        # The KV cache through numpy on the CPU: binding it as OrtValues measured no faster there
+        # (benchmarks/results/lm_decode_io.md); on CUDA binding keeps it on the device.
+        self.io_binding = (device == "cuda") if io_binding is None else io_binding
         self.cache_device = "cuda" if device == "cuda" else "cpu"
         self.past_names: list[str] = []
         if any(n.startswith(PAST_PREFIX) for n in self.inputs):
