@@ -81,6 +81,35 @@ CASES = [
     Case("train: impossible size spec", ["train", "--model", "bert:layers=2,hidden=30,heads=4", "--out", "{out}"], 2,
          "not divisible"),
     Case("train: negative learning rate", ["train", "--model", TINY_SPEC, "--lr", "-1", "--out", "{out}"], 2, "lr"),
+    # train, causal LMs ({lm}: a tiny trained GPT-2 with 64 positions used, 1024 in its config)
+    Case("train LM: text too short for one block", ["train", "--task", "causal-lm", "--model", "gpt2:layers=1,hidden=32,heads=2",
+                                                    "--dataset", "{d}/short.txt", "--max-length", "1000", "--out", "{out}"],
+         2, ("{d}/short.txt", "too short for one block", "--max-length")),
+    Case("train LM: empty text file", ["train", "--task", "causal-lm", "--model", "gpt2:layers=1,hidden=32,heads=2",
+                                       "--dataset", "{d}/blank.txt", "--out", "{out}"], 2, ("{d}/blank.txt", "is empty")),
+    Case("train LM: no text column", ["train", "--task", "causal-lm", "--model", "gpt2:layers=1,hidden=32,heads=2",
+                                      "--dataset", "{d}/body.jsonl", "--out", "{out}"], 2, ("no column 'text'", "body")),
+    Case("train LM: a classifier given --task causal-lm", ["train", "--task", "causal-lm", "--model", "{teacher}",
+                                                           "--dataset", "{d}/hamlet.txt", "--out", "{out}"], 2,
+         ("sequence classifier", "--task classification")),
+    Case("train LM: a causal LM given --task classification", ["train", "--task", "classification", "--model", "{lm}",
+                                                               "--out", "{out}"], 2,
+         ("causal language model", "--task causal-lm")),
+    Case("train LM: a bert spec for a causal LM", ["train", "--task", "causal-lm", "--model", "bert:layers=1,hidden=32,heads=2",
+                                                   "--dataset", "{d}/hamlet.txt", "--out", "{out}"], 2,
+         ("not a causal language model", "gpt2:")),
+    Case("train LM: a gpt2 spec for a classifier", ["train", "--task", "classification", "--model",
+                                                    "gpt2:layers=1,hidden=32,heads=2", "--out", "{out}"], 2,
+         ("builds a causal language model", "--task causal-lm")),
+    Case("train LM: block beyond the positions", ["train", "--model", "gpt2:layers=1,hidden=32,heads=2,max_len=32",
+                                                  "--dataset", "{d}/hamlet.txt", "--max-length", "64", "--out", "{out}"],
+         2, ("--max-length 64", "32 positions")),
+    Case("train LM: llama kv_heads not dividing heads", ["train", "--model", "llama:layers=1,hidden=32,heads=4,kv_heads=3",
+                                                         "--dataset", "{d}/hamlet.txt", "--out", "{out}"], 2,
+         "not divisible by kv_heads=3"),
+    Case("train LM: stride longer than the window", ["train", "--model", "gpt2:layers=1,hidden=32,heads=2",
+                                                     "--dataset", "{d}/hamlet.txt", "--max-length", "32", "--stride", "64",
+                                                     "--out", "{out}"], 2, ("--stride 64", "at most the window")),
     # distill
     Case("distill: teacher missing", ["distill", "--teacher", "{d}/nope", "--out", "{out}"], 2, ("{d}/nope", "does not exist")),
     Case("distill: teacher without weights", ["distill", "--teacher", "{d}/config-only", "--out", "{out}"], 2,
@@ -114,6 +143,10 @@ CASES = [
     Case("export: --out under a file", ["export", "--model", "{teacher}", "--out", "{d}/somefile/o"], 2,
          "'{d}/somefile' is a file", out="{d}/somefile/o"),
     Case("export: opset too old", ["export", "--model", "{teacher}", "--opset", "9", "--out", "{out}"], 2, "opset"),
+    Case("export: LM with fewer than 16 cached steps", ["export", "--model", "{lm}", "--parity-steps", "8",
+                                                        "--out", "{out}"], 2, "parity_steps"),
+    Case("export: a classifier told it is an LM", ["export", "--model", "{teacher}", "--task", "causal-lm",
+                                                   "--out", "{out}"], 2, ("is a classification artifact", "--task causal-lm")),
     # quantize
     Case("quantize: unknown method", ["quantize", "--model", "{teacher}", "--method", "int3", "--out", "{out}"], 2,
          ("int3", "torch-dynamic-int8")),
@@ -125,12 +158,44 @@ CASES = [
                                           "--out", "{d}/somefile/q"], 2, "'{d}/somefile' is a file", out="{d}/somefile/q"),
     Case("quantize: bad --max-drop", ["quantize", "--model", "{teacher}", "--method", "torch-dynamic-int8",
                                       "--max-drop", "lots", "--out", "{out}"], 2, "lots"),
+    # quantize, causal LMs
+    Case("quantize: LM --max-drop without a percent sign", ["quantize", "--model", "{lm}", "--method", "ort-int4",
+                                                            "--max-drop", "1.0", "--out", "{out}"], 2,
+         ("relative increase of its perplexity", "--max-drop 5%", "'1.0' has no '%'")),
+    Case("quantize: static int8 on an LM", ["quantize", "--model", "{lm}", "--method", "ort-static-int8",
+                                            "--out", "{out}"], 2, ("ort-static-int8 quantizes classification", "ort-int4")),
+    Case("quantize: --method auto on an LM", ["quantize", "--model", "{lm}", "--method", "auto", "--out", "{out}"], 2,
+         ("--method auto", "causal-lm", "ort-int4")),
+    Case("quantize: GPTQ at 8 bits", ["quantize", "--model", "{lm}", "--method", "ort-int8-weight-only",
+                                      "--algorithm", "gptq", "--out", "{out}"], 2, ("--algorithm gptq", "4-bit")),
+    Case("quantize: 8-bit embeddings", ["quantize", "--model", "{lm}", "--method", "ort-int8-weight-only",
+                                        "--quantize-embeddings", "--out", "{out}"], 2, ("--quantize-embeddings", "4 bits")),
+    Case("quantize: block size not a power of two", ["quantize", "--model", "{lm}", "--method", "ort-int4",
+                                                     "--block-size", "48", "--out", "{out}"], 2, ("block_size", "power of two")),
+    Case("quantize: int4 on a graph without MatMul", ["quantize", "--model", "{d}/no-matmul", "--method", "ort-int4",
+                                                      "--out", "{out}"], 2, ("{d}/no-matmul", "no MatMul or Gemm")),
+    Case("quantize: int4 setting for an int8 method", ["quantize", "--model", "{lm}", "--method", "torch-dynamic-int8",
+                                                       "--block-size", "64", "--out", "{out}"], 2,
+         ("torch-dynamic-int8 does not take block_size")),
     # eval
     Case("eval: model missing", ["eval", "--model", "{d}/nope"], 2, "{d}/nope"),
     Case("eval: --out under a file", ["eval", "--model", "{teacher}", "--out", "{d}/somefile/m.json"], 2,
          "'{d}/somefile' is a file", out="{d}/somefile/m.json"),
     Case("eval: --out is a directory", ["eval", "--model", "{teacher}", "--out", "{d}/existing"], 2,
          ("{d}/existing", "is a directory"), out="{d}/existing"),
+    Case("eval LM: no text column", ["eval", "--model", "{lm}", "--dataset", "{d}/body.jsonl"], 2,
+         ("no column 'text'", "body", "--text-column")),
+    Case("eval LM: --task classification on a causal LM", ["eval", "--model", "{lm}", "--task", "classification"], 2,
+         ("is a causal-lm artifact", "--task classification")),
+    # generate
+    Case("generate: model missing", ["generate", "--model", "{d}/nope", "--prompt", "hi"], 2, "{d}/nope", out="{d}/nope"),
+    Case("generate: a classifier", ["generate", "--model", "{teacher}", "--prompt", "hi"], 2,
+         ("is a classification artifact", "needs a causal language model"), out="{d}/nope"),
+    Case("generate: empty prompt", ["generate", "--model", "{lm}", "--prompt", ""], 2, "prompt is empty", out="{d}/nope"),
+    Case("generate: beyond the positions", ["generate", "--model", "{lm}", "--prompt", "To be", "--max-new-tokens", "5000"],
+         2, ("--max-new-tokens 5000", "positions"), out="{d}/nope"),
+    Case("generate: negative temperature", ["generate", "--model", "{lm}", "--prompt", "hi", "--temperature", "-1"], 2,
+         "temperature", out="{d}/nope"),
     Case("eval: malformed JSONL line", ["eval", "--model", "{teacher}", "--dataset", "{d}/bad.jsonl"], 2,
          ("{d}/bad.jsonl", "line 2")),
     Case("eval: labels the model does not know", ["eval", "--model", "{teacher}", "--dataset", "{csv}",
@@ -143,6 +208,12 @@ CASES = [
     Case("bench: --out under a file", ["bench", "{teacher}", "--out", "{d}/somefile/b"], 2, "'{d}/somefile' is a file",
          out="{d}/somefile/b"),
     Case("bench: zero batch size", ["bench", "{teacher}", "--batch-sizes", "0", "--out", "{out}"], 2, "batch"),
+    Case("bench: a classifier beside a causal LM", ["bench", "{teacher}", "{lm}", "--out", "{out}"], 2,
+         ("different tasks", "(classification)", "(causal-lm)", "once per task")),
+    Case("bench: --new-tokens fill the LM's positions", ["bench", "{lm}", "--new-tokens", "1024", "--no-isolate",
+                                                         "--no-peak-probe", "--out", "{out}"], 2,
+         ("--new-tokens 1024", "1024 positions", "--new-tokens 256 or fewer")),
+    Case("bench: zero prompt length", ["bench", "{lm}", "--prompt-lens", "0", "--out", "{out}"], 2, "prompt"),
     # report
     Case("report: results missing", ["report", "{d}/nope.json", "--out", "{out}"], 2, ("{d}/nope.json", "results.json")),
     Case("report: results not JSON", ["report", "{d}/broken.json", "--out", "{out}"], 2, ("{d}/broken.json", "not valid JSON")),
@@ -189,6 +260,17 @@ def scene(tmp_path_factory, tiny_teacher, tiny_lm):
     torch.save(load_file(str(tiny_teacher / "model.safetensors")), pickled / "pytorch_model.bin")
     (d / "notes").mkdir()
     (d / "notes" / "readme.txt").write_text("not a model\n")
+    import onnx
+    from onnx import TensorProto, helper
+
+    no_matmul = d / "no-matmul"  # an ONNX classifier directory whose graph has nothing to quantize
+    no_matmul.mkdir()
+    for p in tiny_teacher.iterdir():
+        if p.is_file() and p.name not in ("model.safetensors", "manifest.json", "train_log.jsonl"):
+            shutil.copy2(p, no_matmul / p.name)
+    io = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "t"]) for n in ("input_ids", "logits")]
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g", io[:1], io[1:])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(no_matmul / "model.onnx"))
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from compress.models import train_byte_bpe
@@ -204,6 +286,12 @@ def scene(tmp_path_factory, tiny_teacher, tiny_lm):
     (d / "latin1.csv").write_bytes("text,label\ncaf\xe9 cr\xe8me,1\n".encode("latin-1"))
     (d / "empty.csv").write_text("")
     (d / "data.xml").write_text("<rows/>\n")
+    from conftest import hamlet_path
+
+    shutil.copy2(hamlet_path(), d / "hamlet.txt")
+    (d / "short.txt").write_text("".join(f"line {i} of a short text\n" for i in range(30)))
+    (d / "blank.txt").write_text("  \n\n")
+    (d / "body.jsonl").write_text("".join(json.dumps({"body": f"row {i} " * 8}) + "\n" for i in range(20)))
     (d / "broken.json").write_text('{"schema_version": 1, "artifacts": [\n')
     (d / "future.json").write_text('{"schema_version": 99}\n')
     (d / "tag.yaml").write_text(TAG_RECIPE)
@@ -276,8 +364,8 @@ def test_table_covers_every_verb():
     from compress.cli import COMMANDS
 
     verbs = {c.argv[0] for c in CASES}
-    assert set(COMMANDS) - {"generate"} <= verbs, set(COMMANDS) - verbs
-    assert len(CASES) >= 32
+    assert set(COMMANDS) <= verbs, set(COMMANDS) - verbs
+    assert len(CASES) >= 40
 
 
 def test_a_full_disk_is_one_message_and_leaves_nothing(tmp_path, monkeypatch):
