@@ -312,6 +312,13 @@ def environment_items(results: dict) -> list[tuple[str, str]]:
 
 def memory_method(results: dict) -> str:
     methods = {(a.get("memory") or {}).get("method") for a in results["artifacts"]}
+    if methods == {"subprocess"} and any("run_delta_mb" in (a.get("memory") or {}) for a in results["artifacts"]):
+        return ("Peak RSS is the high-water resident memory of a fresh process that measured only this "
+                "artifact (interpreter, libraries, data and scoring included). Model memory is the high-water "
+                "mark after loading the artifact and running each latency point once (the longest prompt, the "
+                "largest decode batch with its KV cache), before scoring, minus the resident memory just before "
+                "the artifact was loaded; on CUDA it is torch's peak allocation, or for ONNX Runtime the device "
+                "memory in use after the run.")
     if methods == {"subprocess"}:
         return ("Peak RSS is the high-water resident memory of a fresh process that measured only this "
                 "artifact (interpreter, libraries and data included). Model memory is that peak minus the "

@@ -124,6 +124,14 @@ def measure_artifact(job: dict) -> dict:
     plan = task.bench_plan(cfg, config, job["name"])
     split, inputs = task_inputs(task, data, runner, cfg)
     built = [(point, build(runner, point, inputs, timer_for(device), job["name"])) for point in plan]
+    # One untimed call of each point before scoring: the high-water mark then holds what running
+    # the model takes (the weights, the longest prefill, the KV cache of the largest decode
+    # batch) and not yet the scoring's buffers (an LM's perplexity pass holds up to 256 MB of logits).
+    for _, (_, untimed) in built:
+        untimed()
+    run_peak = peak_rss_mb()
+    if cuda:
+        cuda_run_peak = torch.cuda.max_memory_allocated()
     metrics = task.evaluate_runner(runner, split, cfg.eval_batch_size)
 
     points = []
@@ -132,29 +140,27 @@ def measure_artifact(job: dict) -> dict:
             stats = sampled_latency(sampler, warmup=cfg.warmup, budget_s=cfg.budget_s, min_iters=cfg.min_iters,
                                     target_rel=cfg.target_ci)
             points.append(finish_point(point, stats))
-    else:
-        # One untimed call of each point here, so that the peak memory covers timing too
-        # (the KV cache of the largest decode batch, the longest prefill).
-        for _, (_, untimed) in built:
-            untimed()
 
     memory = {
         "method": "subprocess" if job.get("isolated") else "in-process",
         "rss_before_load_mb": rss_before,
         "peak_rss_mb": peak_rss_mb(),
+        "run_peak_rss_mb": run_peak,
         "peak_reset": peak_reset,
     }
     if memory["peak_rss_mb"] is not None and rss_before is not None:
         memory["rss_delta_mb"] = round(memory["peak_rss_mb"] - rss_before, 1)
+        memory["run_delta_mb"] = round(run_peak - rss_before, 1)
     if cuda:
         memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         # Device-wide, so it also sees memory that onnxruntime's own CUDA arena holds.
         memory["cuda_used_delta_mb"] = round((cuda_free_before - torch.cuda.mem_get_info()[0]) / 2**20, 1)
         # torch's allocator does not see onnxruntime's CUDA arena, so ONNX artifacts use the device-wide figure.
         key = "cuda_used_delta_mb" if runner.format.startswith("onnx") else "cuda_max_allocated_mb"
+        memory["cuda_run_allocated_mb"] = round(cuda_run_peak / 2**20, 1)
         memory["model_memory_mb"] = memory[key]
     else:
-        memory["model_memory_mb"] = memory.get("rss_delta_mb")
+        memory["model_memory_mb"] = memory.get("run_delta_mb")
 
     params, params_method = count_parameters(runner, path)
     result = {
