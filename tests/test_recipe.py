@@ -145,3 +145,19 @@ def test_interrupted_training_stage_resumes_only_with_the_same_config(tmp_path):
     assert [a for _, a in plan(recipe)] == ["resume", "run"]
     # A changed key must not continue the old run.
     assert [a for _, a in plan(load_recipe(p, ["teacher.lr=0.001"]))] == ["run", "run"]
+
+
+def test_lm_recipes_chain_a_causal_lm_to_a_decode_benchmark():
+    """The LM recipes: every stage reads austen (windows of 256), and the report times decode."""
+    root = RECIPES[0].parent
+    quick = load_recipe(root / "lm-quickstart.yaml")
+    assert [s.type for s in quick.stages] == ["train", "distill", "export", "quantize", "quantize", "bench"]
+    assert [s.config.method for s in quick.stages if s.type == "quantize"] == ["ort-dynamic-int8", "ort-int4"]
+    assert quick.stages[0].config.task == "causal-lm" and quick.stages[0].config.model.startswith("gpt2:")
+    for name in ("lm-quickstart.yaml", "lm-existing.yaml", "lm-gpu.yaml"):
+        recipe = load_recipe(root / name)
+        for stage in recipe.stages:
+            assert stage.data is None or (stage.data["dataset"], stage.data["max_length"]) == ("austen", 256), stage.name
+        (bench,) = [s for s in recipe.stages if s.type == "bench"]
+        assert bench.config.prompt_lens[0] == 128 and bench.config.decode_batch_sizes[0] == 1, name
+    assert load_recipe(root / "lm-gpu.yaml").stages[0].config.device == "cuda"
