@@ -4,9 +4,10 @@ validation loss where the task reports one (a causal LM's NLL per token, the sam
 from __future__ import annotations
 
 import json
-import math
 from html import escape
 from pathlib import Path
+
+from compress.svg import nice_ticks
 
 W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 360, 64, 16, 36, 48
 
@@ -23,16 +24,6 @@ def _read(log: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float
         elif r.get("event") == "eval" and isinstance(r.get("val_nll"), (int, float)):
             val.append((r["step"], r["val_nll"]))
     return train, val
-
-
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / count
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step) * step
-    return [round(first + i * step, 10) for i in range(int((hi - first) / step) + 1)]
 
 
 def loss_curve_svg(log: Path, title: str = "") -> str:
@@ -54,11 +45,11 @@ def loss_curve_svg(log: Path, title: str = "") -> str:
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
            f'<text x="{LEFT}" y="20" font-size="14">{escape(title or "training curve")}</text>']
-    for t in _ticks(y_lo, y_hi):
+    for t in nice_ticks(y_lo, y_hi):
         y = sy(t)
         out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
                    f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
-    for t in _ticks(0, x_hi):
+    for t in nice_ticks(0, x_hi):
         x = sx(t)
         out.append(f'<text x="{x:.1f}" y="{H - BOTTOM + 16}" text-anchor="middle">{t:g}</text>')
     out.append(f'<text x="{(LEFT + W - RIGHT) / 2}" y="{H - 10}" text-anchor="middle">optimizer step</text>')

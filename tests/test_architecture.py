@@ -25,6 +25,7 @@ LAYERS = {
     "compress.metrics": 1,
     "compress.artifacts": 1,
     "compress.ort_settings": 1,
+    "compress.svg": 1,
     "compress.onnx_graph": 1,
     # 2 - data and models
     "compress.data": 2,

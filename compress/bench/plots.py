@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from html import escape
 
+from compress.svg import nice_ticks
+
 # Colour-blind-safe palette (Okabe-Ito), one colour per artifact, shared by both plots.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 FONT = "font-family=\"system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif\""
@@ -21,24 +23,6 @@ def colour(i: int) -> str:
 def _num(x: float) -> str:
     """Short deterministic text for a coordinate."""
     return f"{x:.1f}".rstrip("0").rstrip(".")
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (1, 2, 2.5 or 5 times a power of ten apart)."""
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / count
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    ticks = []
-    t = start
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 10))
-        t += step
-    if ticks[-1] < hi:
-        ticks.append(round(t, 10))
-    return ticks
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:

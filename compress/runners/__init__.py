@@ -21,12 +21,14 @@ from typing import Callable, Protocol
 import numpy as np
 
 from compress.artifacts import read_manifest
-from compress.data import EncodedSplit, bucketed_batches, collate
 from compress.errors import UserError
 from compress.runners.bnb import BnbRunner
 from compress.runners.ort import OrtRunner
 from compress.runners.pytorch import TorchRunner
 from compress.runners.torch_int8 import TorchInt8Runner
+# The scoring helpers every runner is driven by live with the classification task; re-exported
+# here because eval, quantize and bench score through the runners.
+from compress.tasks.classification import numpy_batch, score  # noqa: F401
 
 
 class Runner(Protocol):
@@ -100,20 +102,3 @@ def load_runner(directory: str | Path, device: str = "cpu", threads: int | None 
     if fmt not in RUNNERS:
         raise UserError(f"No runner for artifacts of format '{fmt}' ('{directory}'). Known formats: {', '.join(sorted(RUNNERS))}.")
     return RUNNERS[fmt](Path(directory), device=device, threads=threads, trust_remote_code=trust_remote_code)
-
-
-def numpy_batch(split: EncodedSplit, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    b = collate(split, idx, pad_id)
-    return {k: v.numpy() for k, v in b.items() if k != "labels"}
-
-
-def score(runner: Runner, split: EncodedSplit, batch_size: int = 64) -> np.ndarray:
-    """Logits for every example of `split`, in order, through `runner`."""
-    pad_id = runner.tokenizer.pad_token_id or 0
-    out = None
-    for idx in bucketed_batches(split.lengths, batch_size, shuffle=False):
-        logits = runner.logits(numpy_batch(split, idx, pad_id))
-        if out is None:
-            out = np.zeros((len(split), logits.shape[-1]), dtype=np.float32)
-        out[idx] = logits
-    return out

@@ -18,7 +18,6 @@ class Task:
     higher_is_better: ClassVar[bool]
     #: the built-in dataset used when a stage names none.
     default_dataset: ClassVar[str]
-
     #: distillation: the loss names `--losses` takes, the ones used when none are given, and the
     #: default softmax temperature of the soft targets.
     distill_losses: ClassVar[tuple[str, ...]] = ()
@@ -94,9 +93,3 @@ class Task:
     def summary(self, metrics: dict[str, float]) -> str:
         """One line for the console."""
         return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-
-    def better(self, value: float, best: float | None) -> bool:
-        """Whether `value` of the primary metric beats `best` (None: nothing yet)."""
-        if best is None:
-            return True
-        return value > best if self.higher_is_better else value < best

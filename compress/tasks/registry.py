@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from compress.artifacts import read_manifest
 from compress.errors import UserError
+from compress.models import SPEC_ARCHS, checkpoint_task
 from compress.tasks.base import Task
 from compress.tasks.causal_lm import CausalLMTask
 from compress.tasks.classification import ClassificationTask
@@ -24,8 +29,6 @@ def task_for_source(task: str | None, source) -> Task:
     """
     if task:
         return get_task(task)
-    from compress.models import SPEC_ARCHS
-
     if source.kind == "spec":
         return get_task(SPEC_ARCHS[source.arch])
     if source.kind == "dir":
@@ -34,12 +37,7 @@ def task_for_source(task: str | None, source) -> Task:
 
 
 def _dir_task(directory) -> str | None:
-    import json
-    from pathlib import Path
-
-    from compress.artifacts import read_manifest
-    from compress.models import checkpoint_task
-
+    """The task an artifact directory records (manifest), or its config's architectures name."""
     manifest = read_manifest(directory)
     manifest_task = manifest.get("task") or (manifest.get("config") or {}).get("task")
     if manifest_task:
