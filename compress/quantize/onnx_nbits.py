@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -125,6 +127,11 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
+# The quantizer logs a line per node at INFO, and warns that lifting the opset to 21 for 4-bit
+# embedding tables "may not be a valid model": every graph it writes is loaded and scored here.
+logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+
+
 def _gptq_reader(job: Job, model) -> list[dict[str, np.ndarray]]:
     """The calibration windows as full graph feeds (position ids, an empty KV cache)."""
     inputs = {i.name: i for i in model.graph.input}
@@ -177,7 +184,10 @@ def quantize_graph(model, bits: int, settings: NBitsSettings, exclude: list[str]
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=settings.block_size,
                                          is_symmetric=settings.symmetric, nodes_to_exclude=skip_matmuls,
                                          op_types_to_quantize=("MatMul",), algo_config=algo)
-        quantizer.process()
+        with warnings.catch_warnings():
+            # HQQ wraps read-only weight arrays in torch tensors (it only reads them).
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            quantizer.process()
         model = quantizer.model.model
     if embeddings:
         # Embedding tables: 4-bit round to nearest along the hidden dimension, whatever the algorithm.
