@@ -41,7 +41,15 @@ def describe(values: dict[str, Any]) -> str:
 
 def differs(mine: dict[str, Any], theirs: dict[str, Any]) -> bool:
     defaults = {k: DataConfig.model_fields[k].default for k in IDENTITY}
-    return any(mine.get(k, defaults[k]) != theirs.get(k, defaults[k]) for k in IDENTITY)
+    for k in IDENTITY:
+        a, b = mine.get(k, defaults[k]), theirs.get(k, defaults[k])
+        # An unset task or dataset means "the model's own" (its task, the task's built-in data):
+        # only two named ones can disagree.
+        if k in ("task", "dataset") and (a is None or b is None):
+            continue
+        if a != b:
+            return True
+    return False
 
 
 def _say(message: str) -> None:

@@ -86,7 +86,8 @@ def train(cfg: TrainConfig) -> Path:
     if dist.is_main() and (work / "log.jsonl").is_file():
         files["loss.svg"] = loss_curve_svg(work / "log.jsonl", title=f"{task.name}: {cfg.model}")
     save_artifact(model, tokenizer, out, work, force=cfg.force, stage="train", task=task.name,
-                  config=cfg.model_dump(), parent=source.value if source.kind != "spec" else None,
+                  config=cfg.model_copy(update={"task": task.name}).model_dump(),
+                  parent=source.value if source.kind != "spec" else None,
                   metrics=metrics, data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts},
                   history=result.history, files=files)
     if dist.is_main():
