@@ -21,11 +21,11 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from compress.artifacts import atomic_output, check_output, read_manifest, write_manifest
+from compress.artifacts import atomic_output, write_manifest
 from compress.config import RuntimeConfig
 from compress.data import DataConfig, encode, load_data
 from compress.errors import GateFailed, UserError
-from compress.export_lm import LM_TASK, export_lm
+from compress.export_lm import LM_TASK, export_lm, start_export
 from compress.lineage import inherits_data
 # FUSED_OPS, convert_to_fp16 and fusion_model_type are also this module's API (tests, quantize).
 from compress.onnx_graph import FUSED_OPS, convert_to_fp16, fusion_model_type, operator_counts, optimize_graph  # noqa: F401
@@ -252,24 +252,8 @@ def export(cfg: ExportConfig) -> Path:
 def export_classifier(cfg: ExportConfig, task=None) -> Path:
     """The classifier export (`text-classification`): see `export`."""
     import onnx
-    import onnxruntime as ort
 
-    from compress.hardware import resolve_device
-
-    # Errors only. On CUDA, initialising a session warns about every shape operator kept on the
-    # CPU through ONNX Runtime's default logger, which the session's own log level leaves alone,
-    # and the optimizer's sessions use it too.
-    ort.set_default_logger_severity(3)
-    out = check_output(cfg.out, cfg.force)
-    device = resolve_device(cfg.device)
-    if cfg.dtype == "fp16" and device != "cuda":
-        raise UserError("--dtype fp16 makes a graph for CUDA and is checked on CUDA, but the device is the CPU. "
-                        "Use --device cuda on a machine with a GPU (and onnxruntime-gpu), or --dtype fp32.")
-    fmt = detect_format(cfg.model)
-    manifest = read_manifest(cfg.model)
-    if fmt != "pytorch" or manifest.get("dtype") in ("bf16", "fp16"):
-        raise UserError(f"'{cfg.model}' is a {manifest.get('dtype') or fmt} artifact; export takes an fp32 PyTorch "
-                        "classifier (the output of train or distill). Export the artifact it was made from.")
+    out, device, manifest = start_export(cfg, "classifier")
     torch_runner = TorchRunner(Path(cfg.model), device=device, threads=cfg.threads,
                                trust_remote_code=cfg.trust_remote_code)
     model, tokenizer, config = torch_runner.model, torch_runner.tokenizer, torch_runner.config

@@ -204,6 +204,33 @@ def choose_fusion(plain, fused, prompt: np.ndarray) -> dict:
                    f"{100 * (1 - FUSED_MARGIN):.0f} % faster)"}
 
 
+def start_export(cfg, what: str) -> tuple[Path, str, dict]:
+    """What every export checks before any work: the output can be written, fp16 only on CUDA,
+    and the source is an fp32 PyTorch `what` (a classifier, a causal LM).
+
+    Returns:
+        (the checked output path, the resolved device, the source's manifest).
+    """
+    import onnxruntime as ort
+
+    from compress.hardware import resolve_device
+
+    # Errors only. On CUDA, initialising a session warns about every shape operator kept on the
+    # CPU through ONNX Runtime's default logger, which the session's own log level leaves alone,
+    # and the optimizer's sessions use it too.
+    ort.set_default_logger_severity(3)
+    out = check_output(cfg.out, cfg.force)
+    device = resolve_device(cfg.device)
+    if cfg.dtype == "fp16" and device != "cuda":
+        raise UserError("--dtype fp16 makes a graph for CUDA and is checked on CUDA, but the device is the CPU. "
+                        "Use --device cuda on a machine with a GPU (and onnxruntime-gpu), or --dtype fp32.")
+    fmt, manifest = detect_format(cfg.model), read_manifest(cfg.model)
+    if fmt != "pytorch" or manifest.get("dtype") in ("bf16", "fp16"):
+        raise UserError(f"'{cfg.model}' is a {manifest.get('dtype') or fmt} artifact; export takes an fp32 PyTorch "
+                        f"{what} (the output of train or distill). Export the artifact it was made from.")
+    return out, device, manifest
+
+
 def export_lm(cfg, task) -> Path:
     """Export the causal LM `cfg.model` (an ExportConfig) with past key values; gate every graph.
 
@@ -213,21 +240,9 @@ def export_lm(cfg, task) -> Path:
         task, opset, the optimisation kept and why, parity figures of every gate).
     """
     import onnx
-    import onnxruntime as ort
 
-    from compress.hardware import resolve_device
-
-    ort.set_default_logger_severity(3)
-    out = check_output(cfg.out, cfg.force)
-    device = resolve_device(cfg.device)
-    if cfg.dtype == "fp16" and device != "cuda":
-        raise UserError("--dtype fp16 makes a graph for CUDA and is checked on CUDA, but the device is the CPU. "
-                        "Use --device cuda on a machine with a GPU (and onnxruntime-gpu), or --dtype fp32.")
+    out, device, manifest = start_export(cfg, "causal LM")
     src = Path(cfg.model)
-    fmt, manifest = detect_format(src), read_manifest(src)
-    if fmt != "pytorch" or manifest.get("dtype") in ("bf16", "fp16"):
-        raise UserError(f"'{src}' is a {manifest.get('dtype') or fmt} artifact; export takes an fp32 PyTorch causal LM "
-                        "(the output of train or distill). Export the artifact it was made from.")
     torch_runner = TorchRunner(src, device=device, threads=cfg.threads, trust_remote_code=cfg.trust_remote_code)
     config = torch_runner.config
     if config.model_type not in supported_model_types():
