@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 from pydantic import Field
 
-from compress.config import StageConfig
+from compress.config import RuntimeConfig
 from compress.errors import UserError
 
 
-class GenerateConfig(StageConfig):
-    """Generate text from a prompt."""
+class GenerateConfig(RuntimeConfig):
+    """Generate text from a prompt (device, threads and trust_remote_code from the runtime group)."""
 
     model: str = Field(..., description="causal-LM artifact directory")
     prompt: str = Field(..., description="text to continue")
@@ -23,8 +23,6 @@ class GenerateConfig(StageConfig):
     top_k: int = Field(50, ge=0, description="sample among the k likeliest tokens (0 = all)")
     top_p: float = Field(0.95, gt=0, le=1, description="sample among the likeliest tokens whose probabilities add up to p")
     seed: int = Field(0, description="seed of the sampling")
-    device: str = Field("cpu", description="where to run: cpu or cuda")
-    threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
     stream: bool = Field(True, description="print tokens as they are generated")
 
 
@@ -44,7 +42,8 @@ def generate(cfg: GenerateConfig) -> str:
                         "model (one trained with --task causal-lm, or a causal-LM checkpoint).")
     if not cfg.prompt:
         raise UserError("The prompt is empty. Give the text to continue with --prompt.")
-    runner = load_runner(cfg.model, device=resolve_device(cfg.device), threads=cfg.threads)
+    runner = load_runner(cfg.model, device=resolve_device(cfg.device), threads=cfg.threads,
+                         trust_remote_code=cfg.trust_remote_code)
     if not hasattr(runner, "generate"):
         raise UserError(f"Artifacts of format '{runner.format}' cannot generate yet ('{cfg.model}').")
     tok = runner.tokenizer
