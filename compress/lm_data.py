@@ -158,9 +158,9 @@ class TokenBlocks:
 
     blocks: np.ndarray
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.full(len(self.blocks), self.blocks.shape[1], dtype=np.int64)
+    def __post_init__(self):
+        # Read on every training step (tokens counted per batch): built once.
+        self.lengths = np.full(len(self.blocks), self.blocks.shape[1], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.blocks)
