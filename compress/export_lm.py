@@ -24,7 +24,8 @@ import numpy as np
 
 from compress.artifacts import atomic_output, check_output, read_manifest, write_manifest
 from compress.errors import GateFailed, UserError
-from compress.onnx_graph import convert_to_fp16, fusion_model_type, operator_counts, optimize_graph, save
+from compress.onnx_graph import (add_logits_to_keep, convert_to_fp16, fusion_model_type, operator_counts,
+                                 optimize_graph, save)
 from compress.ort_settings import DENORMAL_AS_ZERO, DISABLE_OPTIMIZERS, SKIP_LAYER_NORM_FUSION, choose_skip_layer_norm
 from compress.ort_settings import time_interleaved
 from compress.runners import detect_format
@@ -302,6 +303,11 @@ def export_lm(cfg, task) -> Path:
             fusion = {"choice": "plain", "how": f"ONNX Runtime has no transformer fusions for '{config.model_type}'"}
         shipped_level = {"auto": "transformer" if fusion and fusion["choice"] == "fused" else "none"}.get(level, level)
         final = onnx.load(str(path))
+        # Prefill computes the head only where generation needs it (transformers' logits_to_keep);
+        # the gate runs again on the graph that ships.
+        if add_logits_to_keep(final):
+            onnx.save(final, str(path))
+            parity["logits_to_keep"] = check_lm_parity(graph_runner(), ref, cfg.atol, "logits_to_keep")
         counts["after"] = operator_counts(final)
         if cfg.dtype == "fp16":
             save(convert_to_fp16(final), path)

@@ -47,7 +47,7 @@ class LoopConfig(RuntimeConfig, DataConfig):
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps spent warming up the learning rate")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay after warm-up")
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0 = off)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 on CUDA and on AMX CPUs, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="autocast precision; auto = bf16 on CUDA, on AMX CPUs and where a bf16 matmul measures 1.5x faster than fp32, else fp32")
     seed: int = Field(0, description="seed for initialisation, shuffling and dropout")
     eval_every: int = Field(0, ge=0, description="evaluate every N optimizer steps (0 = at the end of each epoch)")
     patience: int = Field(0, ge=0, description="stop after this many evaluations without improvement (0 = never)")

@@ -165,3 +165,57 @@ def _drop_unused_initializers(graph) -> None:
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+# The optional input of an LM graph that says how many last positions get logits (0 = all),
+# as transformers' `logits_to_keep`. It is an initializer that is also a graph input, so ONNX
+# Runtime lets a caller override it and everyone else (optimum's ORTModelForCausalLM, which
+# feeds only the inputs `session.get_inputs()` lists) gets the default, every position.
+KEEP_INPUT = "logits_to_keep"
+# Operators whose first input is the hidden state the output head projects.
+HEAD_OPS = ("MatMul", "Gemm", "MatMulNBits")
+
+
+def add_logits_to_keep(model, output: str = "logits") -> bool:
+    """Give a causal-LM graph the optional input `logits_to_keep`, in place.
+
+    The output head then projects only the last `logits_to_keep` positions of the final
+    hidden state (a Slice in front of the head; 0, the default, keeps all), so a generation
+    prefill computes one row of the vocabulary projection instead of one per prompt token,
+    as transformers' `generate` does. Perplexity, which needs every position, feeds nothing.
+
+    Returns:
+        True when the input was added; False when the graph has it already or has no
+        recognisable head (a MatMul-like node, perhaps behind a bias Add or a Cast, that
+        makes `output`).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    if any(i.name == KEEP_INPUT for i in graph.input):
+        return False
+    producers = {o: n for n in graph.node for o in n.output}
+    consts = {t.name for t in graph.initializer}
+    node = producers.get(output)
+    while node is not None and node.op_type in ("Add", "Cast", "Mul"):
+        data = [i for i in node.input if i not in consts]
+        if len(data) != 1:
+            return False
+        node = producers.get(data[0])
+    if node is None or node.op_type not in HEAD_OPS:
+        return False
+    hidden = node.input[0]
+    starts, sliced = f"{KEEP_INPUT}/starts", f"{KEEP_INPUT}/hidden"
+    graph.initializer.extend([numpy_helper.from_array(np.zeros(1, np.int64), KEEP_INPUT),
+                              numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), f"{KEEP_INPUT}/ends"),
+                              numpy_helper.from_array(np.ones(1, np.int64), f"{KEEP_INPUT}/axes")])
+    graph.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, [1]))
+    # Slice(h, starts=-k, ends=max, axes=1): k = 0 gives start 0, every position.
+    new = [helper.make_node("Neg", [KEEP_INPUT], [starts], name=f"{KEEP_INPUT}/Neg"),
+           helper.make_node("Slice", [hidden, starts, f"{KEEP_INPUT}/ends", f"{KEEP_INPUT}/axes"], [sliced],
+                            name=f"{KEEP_INPUT}/Slice")]
+    node.input[0] = sliced
+    at = list(graph.node).index(node)
+    for i, n in enumerate(new):
+        graph.node.insert(at + i, n)
+    return True

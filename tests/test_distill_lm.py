@@ -330,3 +330,28 @@ def test_distill_lm_teacher_online_and_pruned_llama_spec(tiny_lm, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert m["heads"]["kv_heads_after"] == 1 and cfg["num_attention_heads"] == 2 and cfg["num_key_value_heads"] == 1
     assert cfg["intermediate_size"] == 96 and cfg["head_dim"] == 16
+
+
+def test_picked_log_softmax_has_autograds_values_and_gradients():
+    from compress.tasks.lm_kd import bucket_log_probs, picked_log_softmax
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 40, (3, 5, 6), generator=g)
+    assert torch.autograd.gradcheck(picked_log_softmax, (z, idx))
+    got = picked_log_softmax(z, idx)
+    assert torch.allclose(got, torch.log_softmax(z, -1).gather(-1, idx))
+    # The buckets: k ids then the rest, summing to one; the target picked in the same pass.
+    ids = torch.argsort(torch.randn(3, 5, 40, generator=g), -1)[..., :6]
+    target = torch.randint(0, 40, (3, 5), generator=g)
+    zf = z.detach().float()
+    buckets, target_lp = bucket_log_probs(zf, ids, 1.0, target)
+    full = torch.log_softmax(zf, -1)
+    assert torch.allclose(buckets.exp().sum(-1), torch.ones(3, 5), atol=1e-5)
+    assert torch.allclose(buckets[..., :-1], full.gather(-1, ids), atol=1e-6)
+    assert torch.allclose(target_lp, full.gather(-1, target.unsqueeze(-1))[..., 0], atol=1e-6)
+    at_t2, _ = bucket_log_probs(zf, ids, 2.0)
+    assert torch.allclose(at_t2[..., :-1], torch.log_softmax(zf / 2, -1).gather(-1, ids), atol=1e-6)
+    # Every id in the buckets: the rest is ~0 (to float32's log-sum-exp, ~1e-6 of the mass), not nan.
+    everything, _ = bucket_log_probs(zf, torch.argsort(zf, -1), 1.0)
+    assert torch.isfinite(everything).all() and float(everything[..., -1].exp().max()) < 2e-6

@@ -29,7 +29,8 @@ def test_lm_export_has_the_optimum_layout_and_passes_its_gates(tiny_lm_onnx):
     inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
     layers = json.loads((tiny_lm_onnx / "config.json").read_text())["n_layer"]
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    assert sorted(inputs) == sorted(["input_ids", "attention_mask", "position_ids", *past])
+    # logits_to_keep is an initializer that is also an input: optional, default 0 (every position).
+    assert sorted(inputs) == sorted(["input_ids", "attention_mask", "position_ids", *past, "logits_to_keep"])
     assert sorted(outputs) == sorted(["logits", *[p.replace("past_key_values", "present") for p in past]])
     assert m["graph_io"] == {"inputs": inputs, "outputs": outputs}
     for gate in m["parity"].values():  # the exported graph, and the fused one if it was kept
@@ -57,6 +58,38 @@ def test_optimum_loads_the_export_offline_and_generates_what_we_generate(tiny_lm
                                 pad_token_id=ours.tokenizer.pad_token_id)[0, ids.shape[1]:].numpy()
         mine = ours.generate(ids, max_new_tokens=20, sampling={"temperature": 0.0})
         assert len(mine) > 0 and np.array_equal(theirs, mine)
+
+
+def test_a_prefill_projects_only_the_last_position_and_perplexity_every_position(tiny_lm_onnx, tiny_lm):
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from compress.runners import load_runner
+
+    graph = onnx.load(str(tiny_lm_onnx / "model.onnx")).graph
+    default = [numpy_helper.to_array(t) for t in graph.initializer if t.name == "logits_to_keep"]
+    assert len(default) == 1 and default[0].tolist() == [0]
+    session = ort.InferenceSession(str(tiny_lm_onnx / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert "logits_to_keep" not in [i.name for i in session.get_inputs()]  # what optimum feeds
+    assert [i.name for i in session.get_overridable_initializers()] == ["logits_to_keep"]
+    ours = load_runner(tiny_lm_onnx, threads=1)
+    assert ours.keep_last
+    ids = prompt_ids(ours, "HAMLET. To be, or not to be, that is the question")
+    feeds = {**ours._feeds(ids, 0), **ours._empty_cache(1)}
+    full = session.run(["logits"], feeds)[0]
+    last = session.run(["logits"], {**feeds, "logits_to_keep": np.ones(1, np.int64)})[0]
+    assert full.shape == (1, ids.shape[1], ours.config.vocab_size) and last.shape == (1, 1, ours.config.vocab_size)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5)
+    logits, _ = ours.start(ids)
+    np.testing.assert_allclose(logits, full[:, -1], atol=1e-5)
+    assert ours.logits({"input_ids": ids, "attention_mask": np.ones_like(ids)}).shape == full.shape
+    # The PyTorch runner asks transformers for the last position only, as generate does.
+    torch_runner = load_runner(tiny_lm, threads=1)
+    seen = []
+    hook = torch_runner.model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    torch_runner.start(ids)
+    hook.remove()
+    assert seen == [(1, 1, ours.config.vocab_size)]
 
 
 def test_our_decode_loop_gives_transformers_greedy_tokens(tiny_lm):

@@ -71,8 +71,9 @@ def flops_per_inference(arch: dict | None, batch_size: int, seq_len: int) -> flo
     return float(batch_size * (layers * per_layer + head))
 
 
-def _decoder_token_flops(arch: dict, context: float) -> float:
-    """FLOPs of one token through a decoder that attends to `context` positions, LM head included.
+def _decoder_token_flops(arch: dict, context: float, head: bool = True) -> float:
+    """FLOPs of one token through a decoder that attends to `context` positions, LM head included
+    unless `head` is False.
 
     Per layer: Q and O 2 * 2*h*a, K and V 2 * 2*h*kv, feed-forward 2*h*ff per matrix,
     attention 2 * 2*context*a; then the LM head 2*h*vocab.
@@ -81,19 +82,19 @@ def _decoder_token_flops(arch: dict, context: float) -> float:
     a = arch.get("attention", h)
     kv = arch.get("kv", a)
     per_layer = 4 * h * a + 4 * h * kv + 2 * h * ff * arch.get("ff_matrices", 2) + 4 * context * a
-    return float(layers * per_layer + 2 * h * arch.get("vocab", 0))
+    return float(layers * per_layer + (2 * h * arch.get("vocab", 0) if head else 0))
 
 
 def lm_flops(arch: dict | None, point: dict) -> float | None:
-    """FLOPs of one timed call of an LM point: a prefill (logits at every prompt position, as
-    the exported graphs and transformers compute them, with full s x s attention scores), a
-    prefill plus one decode step (ttft), or one decode step per sequence (decode, at the mean
-    context of the run)."""
+    """FLOPs of one timed call of an LM point: a prefill (every prompt position through the
+    layers, with full s x s attention scores, and the LM head at the last position only, as
+    transformers' generate and compress's exported graphs compute it), a prefill plus one
+    decode step (ttft), or one decode step per sequence (decode, at the mean context of the run)."""
     if not arch:
         return None
     b, s = point["batch_size"], point["seq_len"]
     kind = point.get("kind")
-    prefill = s * _decoder_token_flops(arch, s)
+    prefill = s * _decoder_token_flops(arch, s, head=False) + 2 * arch["hidden"] * arch.get("vocab", 0)
     if kind == "prefill":
         return float(b * prefill)
     if kind == "ttft":

@@ -20,6 +20,7 @@ import numpy as np
 
 from compress.artifacts import read_manifest
 from compress.errors import UserError
+from compress.onnx_graph import KEEP_INPUT
 from compress.ort_settings import session_options
 from compress.runners import decode
 
@@ -89,6 +90,8 @@ class OrtDecoder:
         """(logits of the last position [b, vocab], presents by past-input name)."""
         feeds = self._feeds(ids, past_length)
         if not self.io_binding:
+            if self.keep_last:
+                feeds[KEEP_INPUT] = np.ones(1, dtype=np.int64)
             result = self.session.run([self.output, *self.present_names], {**feeds, **past})
             return result[0][:, -1].astype(np.float32), dict(zip(self.past_names, result[1:]))
         binding = self.session.io_binding()
@@ -176,6 +179,10 @@ class OrtRunner(OrtDecoder):
         self.io_binding = (device == "cuda") if io_binding is None else io_binding
         self.cache_device = "cuda" if device == "cuda" else "cpu"
         self.past_names: list[str] = []
+        # Graphs from compress export project only the last position in a prefill when asked. I/O
+        # binding cannot bind an overridable initializer (onnxruntime 1.31: "Failed to find
+        # NodeArg"), so a bound (CUDA) prefill still projects every position.
+        self.keep_last = KEEP_INPUT in {i.name for i in self.session.get_overridable_initializers()}
         if any(n.startswith(PAST_PREFIX) for n in self.inputs):
             if self.tokenizer.pad_token_id is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token

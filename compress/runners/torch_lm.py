@@ -21,8 +21,11 @@ class TorchDecoder:
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
+        # Only the last position's logits, as transformers' generate asks for them: a prompt
+        # then costs one row of the vocabulary projection, not one per token.
+        keep = {"logits_to_keep": 1} if getattr(self.model, "_supports_logits_to_keep", lambda: False)() else {}
         with torch.inference_mode():
-            out = self.model(input_ids=x, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=x, past_key_values=cache, use_cache=True, **keep)
         return out.logits[:, -1].float().cpu().numpy(), out.past_key_values
 
     def start(self, input_ids: np.ndarray):

@@ -9,7 +9,7 @@ the probability mass left over. They live in numpy memory maps in the run's work
 Each KD loss is then computed *exactly* between two distributions over k + 1 buckets: the k
 cached ids and one "rest" bucket that holds everything else. The teacher's side is the cache
 (its rest is the cached leftover mass); the student's side is its full softmax, summed the
-same way (its own mass on the k ids, and its exact mass on all other ids). Merging ids into a
+same way (its own mass on the k ids, and one minus that, in float64, on all other ids). Merging ids into a
 bucket can only shrink a divergence (data processing), so the cached loss is a lower bound
 of the full-vocabulary one, equal to it where the teacher's rest is zero; its gradient moves
 the student's mass on the teacher's top-k ids and its total mass elsewhere, but not how it
@@ -28,6 +28,7 @@ averaged over real tokens):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -82,28 +83,74 @@ def divergence(name: str, log_p, log_q, *, skew: float = 0.1, beta: float = 0.5)
     raise UserError(f"Unknown divergence '{name}'. Choose from {', '.join(DIVERGENCES)}.")
 
 
-def bucket_log_probs(student_logits, ids, temperature: float, lse=None):
+def picked_log_softmax(z, idx):
+    """log_softmax(z)[..., idx] without materialising log_softmax: [..., m] for `idx` [..., m] (int64).
+
+    The KD and next-token losses need the student's log-probabilities at a few ids per
+    position (its target and the teacher's top k) and nothing else, but autograd through
+    logsumexp, gather and scatter writes several vocabulary-sized tensors per step. This
+    function's backward writes one: d/dz = scatter(g at idx) - softmax(z) * sum(g).
+    """
+    return _picked_function().apply(z, idx)
+
+
+@functools.cache
+def _picked_function():
+    import torch
+
+    class PickedLogSoftmax(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, idx):
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            ctx.save_for_backward(z, idx, lse)
+            return z.gather(-1, idx) - lse
+
+        @staticmethod
+        def backward(ctx, grad):
+            z, idx, lse = ctx.saved_tensors
+            out = torch.sub(z, lse).exp_().mul_(-grad.sum(-1, keepdim=True))
+            return out.scatter_add_(-1, idx, grad), None
+
+    return PickedLogSoftmax
+
+
+def rest_log_mass(top_log_probs):
+    """log(1 - sum(exp(top_log_probs))) over the last dimension, [..., 1]: the log of the mass off the ids.
+
+    The sum is taken in float64, but the log-probabilities come from a float32 log-sum-exp, so
+    a rest below ~1e-6 of the mass is noise of that size (k = the vocabulary gives ~1e-7, not
+    0); a rest that rounds to zero or below is floored at 1e-30. Such a rest weighs nothing in
+    the divergences next to the k ids.
+    """
+    import torch
+
+    top = torch.logsumexp(top_log_probs.double(), dim=-1, keepdim=True)
+    return torch.log((-torch.expm1(top)).clamp_min(1e-30)).to(top_log_probs.dtype)
+
+
+def bucket_log_probs(student_logits, ids, temperature: float, target=None):
     """The student's log-probabilities over the k cached ids plus one rest bucket, exactly.
 
     Args:
         student_logits: [b, t, vocab]; ids: [b, t, k] (int64).
-        lse: the log-sum-exp of `student_logits / temperature` over the vocabulary, [b, t, 1], when
-            the caller has it already (saves a pass over the logits).
+        target: [b, t] next-token ids (int64) whose log-probability at temperature 1 is wanted
+            too (for the cross-entropy); picked in the same pass when the temperature is 1.
     Returns:
-        [b, t, k + 1]: log q(id) for each cached id, then log of q's mass on every other id.
+        ([b, t, k + 1]: log q(id) for each cached id, then log of q's mass on every other id;
+         [b, t] log q(target) at temperature 1, or None without `target`).
     """
     import torch
 
     z = student_logits.float()
-    if temperature != 1.0:
-        z = z / temperature
-    if lse is None:
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    top = z.gather(-1, ids)
-    # The cached ids are masked with the most negative float, not -inf: when k is the whole
-    # vocabulary the rest is then ~-3e38 (clamped to _FLOOR later) and its gradient stays finite.
-    rest = torch.logsumexp(z.scatter(-1, ids, torch.finfo(z.dtype).min), dim=-1, keepdim=True)
-    return torch.cat([top, rest], dim=-1) - lse
+    target_lp = None
+    if target is not None and temperature == 1.0:
+        both = picked_log_softmax(z, torch.cat([target.unsqueeze(-1), ids], dim=-1))
+        target_lp, top = both[..., 0], both[..., 1:]
+    else:
+        if target is not None:
+            target_lp = picked_log_softmax(z, target.unsqueeze(-1))[..., 0]
+        top = picked_log_softmax(z / temperature if temperature != 1.0 else z, ids)
+    return torch.cat([top, rest_log_mass(top)], dim=-1), target_lp
 
 
 def hidden_mse(student_h, teacher_h, mask, projection=None):
@@ -213,11 +260,11 @@ class TopKTargets:
                 z = teacher(input_ids=x).logits.float() / temperature
                 lse = torch.logsumexp(z, dim=-1, keepdim=True)
                 top, top_ids = z.topk(k, dim=-1)
-                rest_lse = torch.logsumexp(z.scatter(-1, top_ids, float("-inf")), dim=-1)
+                top = top - lse
                 ids[s:s + len(x)] = top_ids.cpu().numpy().astype(ids_dtype)
-                logp[s:s + len(x)] = (top - lse).cpu().numpy().astype(np.float16)
-                # A teacher with all its mass on k ids has log(0) here: floor it (exp -> 0).
-                rest[s:s + len(x)] = (rest_lse - lse[..., 0]).clamp_min(_FLOOR).cpu().numpy()
+                logp[s:s + len(x)] = top.cpu().numpy().astype(np.float16)
+                # A teacher with all its mass on k ids has log(~0) here: floor it (exp -> 0).
+                rest[s:s + len(x)] = rest_log_mass(top)[..., 0].clamp_min(_FLOOR).cpu().numpy()
         for m in (ids, logp, rest):
             m.flush()
         teacher.train(was_training)
@@ -274,23 +321,23 @@ class LMDistillLoss:
         mask = batch.get("attention_mask")
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=self.use_hidden)
         logits = out.logits.float()
-        # Next-token CE from the same logits (positions 0..t-2 predict tokens 1..t-1); at T = 1 the
-        # KD terms reuse its log-sum-exp.
-        lse1 = torch.logsumexp(logits, dim=-1, keepdim=True)
-        target = batch["labels"][:, 1:]
-        ce_tok = lse1[:, :-1, 0] - logits[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        ce = masked_mean(ce_tok, mask[:, 1:] if mask is not None else None)
-        parts = {"ce": float(ce.detach())}
+        # Position i predicts token i + 1; the last position has no target (id 0, masked out).
+        labels = batch["labels"]
+        target = torch.cat([labels[:, 1:], torch.zeros_like(labels[:, :1])], dim=1)
         t_out = None
         if self.needs_teacher_forward:
             with torch.no_grad():
                 t_out = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=self.use_hidden)
         if self.targets is not None:
             t_ids, log_p = self.targets.batch(batch["index"], logits.device)
-            log_q = bucket_log_probs(logits, t_ids, s.temperature, lse1 if s.temperature == 1.0 else None)
+            log_q, target_lp = bucket_log_probs(logits, t_ids, s.temperature, target)
         else:
             log_p = torch.log_softmax(t_out.logits.float() / s.temperature, dim=-1)
             log_q = torch.log_softmax(logits / s.temperature, dim=-1)
+            target_lp = (log_q if s.temperature == 1.0 else torch.log_softmax(logits, dim=-1)).gather(
+                -1, target.unsqueeze(-1))[..., 0]
+        ce = masked_mean(-target_lp[:, :-1], mask[:, 1:] if mask is not None else None)
+        parts = {"ce": float(ce.detach())}
         kd = 0.0
         for name, weight in s.divergences.items():
             d = masked_mean(divergence(name, log_p, log_q, skew=s.skew, beta=s.beta), mask) * s.temperature ** 2
