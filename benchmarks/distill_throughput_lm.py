@@ -4,7 +4,7 @@ transformers.Trainer subclass that runs the teacher on every step, in one run.
 Both sides distil the same teacher (default runs/austen-gpt) into the same student (its layers
 0 and 2, copied: the same initial weights on both sides) on the same packed Austen blocks,
 with the same loss mix (alpha 0.5 forward KL at T=1 + 0.5 next-token CE), batch, AdamW
-(fused), lr 1e-3 without warm-up, grad clip 1.0, fp32, thread count, and no evaluation or
+(fused), lr 1e-3 without warm-up, grad clip 1.0, precision (--precision), thread count, and no evaluation or
 saving during the run.
 
 - compress: `CausalLMTask.teacher_targets` (one teacher pass: top-k log-probs + leftover mass,
@@ -18,7 +18,8 @@ wall seconds, compilation included.
 
     .venv/bin/python benchmarks/distill_throughput_lm.py --blocks 768 --epochs 1
 
-Writes benchmarks/results/distill_throughput_lm.json and .md (rendered from the JSON).
+Writes benchmarks/results/distill_throughput_lm{--tag}.json and .md (rendered from the JSON).
+`--precision bf16` runs both sides in bf16 autocast (the Trainer with `bf16=True`).
 """
 
 from __future__ import annotations
@@ -58,11 +59,13 @@ def run_compress(teacher, layers, blocks, val, args, compile_: bool) -> dict:
     task = CausalLMTask()
     student = student_of(teacher, layers)
     cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, warmup_ratio=0.0, weight_decay=0.01,
-                     grad_clip=1.0, precision="fp32", checkpoint_every=0, progress=False, seed=0, compile=compile_)
+                     grad_clip=1.0, precision=args.precision, checkpoint_every=0, progress=False, seed=0,
+                     compile=compile_)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         targets = task.teacher_targets(teacher, TokenBlocks(blocks), top_k=args.top_k, temperature=T, batch_size=16,
-                                       device="cpu", precision="fp32", directory=Path(d) / "topk")
+                                       device="cpu", precision=args.precision, directory=Path(d) / "topk",
+                                       progress=False)
         cache_seconds = time.perf_counter() - t0
         (Path(d) / "work").mkdir()
         loss = task.distill_loss(teacher, targets, LMDistillSettings(divergences={"forward_kl": 1.0}, temperature=T,
@@ -108,7 +111,7 @@ def run_trainer(teacher, layers, blocks, args, compile_: bool) -> dict:
                                   num_train_epochs=args.epochs, learning_rate=1e-3, warmup_ratio=0.0, weight_decay=0.01,
                                   max_grad_norm=1.0, use_cpu=True, eval_strategy="no", save_strategy="no",
                                   logging_strategy="no", report_to=[], dataloader_num_workers=0, seed=0,
-                                  disable_tqdm=True, torch_compile=compile_)
+                                  disable_tqdm=True, torch_compile=compile_, bf16=args.precision == "bf16")
         trainer = KDTrainer(model=student, args=targs, train_dataset=ds, data_collator=default_data_collator,
                             teacher=teacher)
         t0 = time.perf_counter()
@@ -120,11 +123,12 @@ def run_trainer(teacher, layers, blocks, args, compile_: bool) -> dict:
 
 def interleaved_steps(teacher, layers, blocks, args) -> dict:
     """Cached vs --teacher-online training steps, alternated (A B B A ...) on one student, so load
-    that changes during the run hits both alike. Eager, fp32; the first two steps of each are warm-up."""
+    that changes during the run hits both alike. Eager, at --precision; the first two steps of each are warm-up."""
     import statistics
 
     import torch
 
+    from compress.hardware import autocast
     from compress.lm_data import TokenBlocks
     from compress.tasks.causal_lm import CausalLMTask
     from compress.tasks.lm_kd import LMDistillSettings
@@ -138,7 +142,8 @@ def interleaved_steps(teacher, layers, blocks, args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         targets = task.teacher_targets(teacher, TokenBlocks(sub), top_k=args.top_k, temperature=T, batch_size=16,
-                                       device="cpu", precision="fp32", directory=Path(d) / "topk")
+                                       device="cpu", precision=args.precision, directory=Path(d) / "topk",
+                                       progress=False)
         cache_seconds = time.perf_counter() - t0
         losses = {"cached": task.distill_loss(teacher, targets, settings),
                   "online": task.distill_loss(teacher, None, settings)}
@@ -149,7 +154,8 @@ def interleaved_steps(teacher, layers, blocks, args) -> dict:
                      "index": torch.from_numpy(idx)}
             for mode in (("cached", "online") if i % 2 == 0 else ("online", "cached")):
                 t0 = time.perf_counter()
-                loss, _ = losses[mode](student, batch)
+                with autocast("cpu", args.precision):
+                    loss, _ = losses[mode](student, batch)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step()
@@ -181,6 +187,9 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12, help="timed steps of each kind in the interleaved comparison")
     ap.add_argument("--only", default="", help="comma-separated subset of runs (debugging)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="both sides: compress's loop and cache pass, the Trainer's bf16=True, the interleaved steps")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. -bf16)")
     args = ap.parse_args()
 
     teacher, tokenizer = load_causal_lm(args.teacher)
@@ -220,15 +229,15 @@ def main() -> None:
                            "student_layers": layers,
                            "student_params": sum(p.numel() for p in student_of(teacher, layers).parameters()),
                            "blocks": len(blocks), "block": block, "epochs": args.epochs, "batch_size": args.batch_size,
-                           "top_k": args.top_k, "alpha": ALPHA, "temperature": T, "precision": "fp32",
+                           "top_k": args.top_k, "alpha": ALPHA, "temperature": T, "precision": args.precision,
                            "threads": torch.get_num_threads(), "dataset": "austen (first blocks of train)"},
               "environment": {"cpu": cpu_info(), "python": platform.python_version(), "versions": library_versions(),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
               "results": results, "speedup": speedup, "interleaved_steps": steps,
               "austen_train_blocks": len(enc["train"].blocks)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "distill_throughput_lm.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "distill_throughput_lm.md").write_text(render(report))
+    (RESULTS / f"distill_throughput_lm{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"distill_throughput_lm{args.tag}.md").write_text(render(report))
     print(render(report))
 
 

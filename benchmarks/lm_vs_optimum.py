@@ -111,6 +111,13 @@ def build(teacher: Path, work: Path, args) -> dict[str, dict]:
                                          "how": "transformers eager with the DynamicCache (compress's PyTorch runner)"}
 
     ours = {"int8": Path(args.int8) if args.int8 else None, "int4": Path(args.int4) if args.int4 else None}
+    int4_settings = {"quantize_embeddings": args.int4_embeddings, "block_size": args.int4_block_size}
+    made = {"int8": (args.int8_method, {}), "int4": (args.int4_method, int4_settings)}
+    if args.int4_embedding_bits and args.int4_embeddings:
+        # The same 4-bit body with the tied embedding table and LM head in 8-bit blocks.
+        name = f"int4, {args.int4_embedding_bits}-bit tables"
+        ours[name] = None
+        made[name] = (args.int4_method, {**int4_settings, "embedding_bits": args.int4_embedding_bits})
     if not all(ours.values()):
         from compress.export import ExportConfig, export
         from compress.quantize import QuantizeConfig, quantize
@@ -118,11 +125,9 @@ def build(teacher: Path, work: Path, args) -> dict[str, dict]:
         onnx_dir = Path(args.onnx) if args.onnx else work / "ours-onnx"
         if not args.onnx:
             export(ExportConfig(model=str(teacher), out=str(onnx_dir), threads=args.threads))
-        for kind, method in (("int8", args.int8_method), ("int4", args.int4_method)):
+        for kind, (method, extra) in made.items():
             if ours[kind] is None:
-                ours[kind] = work / f"ours-{kind}"
-                extra = ({"quantize_embeddings": args.int4_embeddings, "block_size": args.int4_block_size}
-                         if kind == "int4" else {})
+                ours[kind] = work / f"ours-{len(ours)}-{kind.split(',')[0]}"
                 quantize(QuantizeConfig(model=str(onnx_dir), out=str(ours[kind]), method=method, threads=args.threads,
                                         **extra))
     for kind, path in ours.items():
@@ -195,6 +200,8 @@ def main() -> None:
     p.add_argument("--int4-block-size", type=int, default=64, help="as recipes/lm-quickstart.yaml")
     p.add_argument("--int4-embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="also quantize the embedding and the LM head (as recipes/lm-quickstart.yaml)")
+    p.add_argument("--int4-embedding-bits", type=int, default=8,
+                   help="also time an int4 whose embedding and head are 8-bit blocks (0: not)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--batch", type=int, default=8, help="the larger decode batch")

@@ -82,6 +82,9 @@ def render_report(rows: list[dict], settings: str, cache: dict | None, speed: di
                   f"(one teacher pass; {cache['bytes_per_position']} bytes per position)",
                   f"- teacher probability mass outside the top {cache['k']} (first blocks): "
                   f"{cache['mean_rest_mass']:.4f}"]
+        if cache.get("tail_samples"):
+            lines.append(f"- {cache['tail_samples']} draws per position from the teacher's distribution outside the "
+                         "top k: forward KL estimates the tail from them")
     else:
         lines += ["- `--teacher-online`: the teacher ran on every batch, on the full vocabulary"]
     lines += ["", "## Speed", ""]
@@ -118,6 +121,11 @@ def distill_causal_lm(cfg, task, out: Path, work: Path, device: str) -> Path:
         raise UserError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({vocab} ids): the cache keeps "
                         f"the k most likely next tokens out of {vocab}. Use --top-k {min(64, vocab)} or less (32 is "
                         "the default), or --teacher-online for the full distribution.")
+    if cfg.tail_samples and (cfg.teacher_online or "forward_kl" not in divergences):
+        raise UserError(f"--tail-samples {cfg.tail_samples} adds draws from the teacher's tail to the top-k cache for "
+                        "the forward_kl loss, but " + ("--teacher-online uses no cache" if cfg.teacher_online else
+                                                       "forward_kl is not among the losses") +
+                        ". Drop --tail-samples, or use the cache with forward_kl.")
     torch.manual_seed(cfg.seed)
     student = build_lm_student(cfg.student, teacher, t_tok, cfg.trust_remote_code)
     n_student, n_teacher = student.model.config.num_hidden_layers, teacher.config.num_hidden_layers
@@ -159,13 +167,15 @@ def distill_causal_lm(cfg, task, out: Path, work: Path, device: str) -> Path:
         targets = task.teacher_targets(teacher, train, top_k=cfg.top_k, temperature=temperature,
                                        batch_size=window_batch(cfg.teacher_batch_size, train.blocks.shape[1], vocab),
                                        device=device, precision=precision,
-                                       directory=work / "teacher_topk",
+                                       directory=work / "teacher_topk", progress=cfg.progress,
+                                       tail_samples=cfg.tail_samples, seed=cfg.seed,
                                        key={"teacher": str(Path(cfg.teacher).resolve()),
                                             "blocks_sha256": hashlib.sha256(train.blocks.tobytes()).hexdigest()})
         cache = {"k": targets.k, "positions": int(train.blocks.size), "bytes_on_disk": targets.bytes_on_disk,
                  "bytes_per_position": round(targets.bytes_on_disk / train.blocks.size, 1),
                  "seconds": round(targets.meta.get("seconds", time.perf_counter() - t0), 2),
-                 "mean_rest_mass": targets.meta.get("mean_rest_mass"), "temperature": temperature}
+                 "mean_rest_mass": targets.meta.get("mean_rest_mass"), "temperature": temperature,
+                 "tail_samples": targets.tail_samples}
     settings = LMDistillSettings(divergences=divergences, temperature=temperature, alpha=cfg.alpha, skew=cfg.skew,
                                  beta=cfg.jsd_beta, hidden_weight=hidden_weight, pairs=pairs)
     projections = (make_projections(pairs, student.model.config.hidden_size, teacher.config.hidden_size)
@@ -212,7 +222,8 @@ def distill_causal_lm(cfg, task, out: Path, work: Path, device: str) -> Path:
                  + f"). KD: {kd_text} at T={temperature} with weight alpha={cfg.alpha}, next-token CE "
                  f"{1 - cfg.alpha:g}" + (f", hidden-state MSE x{hidden_weight:g} on layer pairs {pairs}" if pairs else "")
                  + f"; targets: {'the teacher online (full vocabulary)' if targets is None else f'top-{cfg.top_k} cache'}"
-                 f". {result.steps} steps ({result.steps / steps_per_epoch:.2f} epochs, batch {cfg.batch_size} blocks "
+                 + (f" + {cfg.tail_samples} tail draws" if targets is not None and cfg.tail_samples else "")
+                 + f". {result.steps} steps ({result.steps / steps_per_epoch:.2f} epochs, batch {cfg.batch_size} blocks "
                  f"of {cfg.max_length} "
                  f"tokens), lr {cfg.lr}, {precision}, seed {cfg.seed}. Dataset `{data.source}`; test split, "
                  "sliding windows, fp32. The no-KD baseline is the same initial student trained with the same "

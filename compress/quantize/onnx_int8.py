@@ -29,7 +29,8 @@ from pydantic import Field
 
 from compress.artifacts import copy_support_files, read_manifest
 from compress.errors import UserError
-from compress.quantize.registry import Int8Settings, Job, Method, register_method
+from compress.quantize.registry import Int8Settings, Job, Method, TableSettings, register_method
+from compress.onnx_graph import fold_constant_transposes
 from compress.runners.ort import find_onnx_file
 
 OUTPUT_FILE = "model_int8.onnx"
@@ -50,6 +51,10 @@ class OrtSettings(Int8Settings):
 
     weight_type: Literal["auto", "int8", "uint8"] = Field("auto", description="ONNX Runtime weight type; auto = int8 on CPUs with VNNI/AMX (u8 x s8 is their fast instruction), uint8 elsewhere (u8 x s8 can saturate without VNNI)")
     optimize: Literal["auto", "none", "basic", "extended", "transformer"] = Field("auto", description="graph optimisation when a PyTorch model is exported first; auto = transformer for ort-dynamic-int8 (QAttention; none where ORT has no fusions for the architecture), none for ort-static-int8 (QDQ needs the plain graph)")
+
+
+class OrtDynamicSettings(OrtSettings, TableSettings):
+    """ort-dynamic-int8: the weight scheme, and blockwise tables and head under --quantize-embeddings."""
 
 
 class OrtStaticSettings(OrtSettings):
@@ -206,7 +211,7 @@ def _finish(job: Job, out: Path, exclude: list[str], extra: dict[str, Any]) -> d
 
 @register_method("ort-dynamic-int8")
 class OrtDynamicInt8(Method):
-    Settings = OrtSettings
+    Settings = OrtDynamicSettings
     input = "onnx"
     auto_order = 0
     # Fused (QAttention, QEmbedLayerNormalization), with the export's session settings (split
@@ -227,15 +232,54 @@ class OrtDynamicInt8(Method):
     def build(self, job: Job, out: Path, exclude: list[str]) -> dict[str, Any]:
         from onnxruntime.quantization import quantize_dynamic
 
+        settings = job.settings
         model = load_graph(job.source)
         heads = excluded_heads(model.graph)
-        weight_type = _weight_type(job.settings)
-        quantize_dynamic(model, out / OUTPUT_FILE, op_types_to_quantize=list(DYNAMIC_OPS),
-                         per_channel=job.settings.per_channel, weight_type=weight_type,
-                         nodes_to_exclude=heads + list(exclude), extra_options=_extra_options())
-        return _finish(job, out, exclude, {"scheme": {
-            "weights": f"{weight_type.name} symmetric " + ("per-channel" if job.settings.per_channel else "per-tensor"),
-            "activations": "QUInt8, dynamic per batch"}})
+        weight_type = _weight_type(settings)
+        ops = list(DYNAMIC_OPS)
+        tables = settings.quantize_embeddings
+        if tables:
+            # The tables and the head go to blockwise kernels below; fold a tied head's Transpose first.
+            fold_constant_transposes(model)
+            ops.remove("Gather")
+            heads = excluded_heads(model.graph)
+        quantize_dynamic(model, out / OUTPUT_FILE, op_types_to_quantize=ops, per_channel=settings.per_channel,
+                         weight_type=weight_type, nodes_to_exclude=heads + list(exclude), extra_options=_extra_options())
+        scheme = {"weights": f"{weight_type.name} symmetric " + ("per-channel" if settings.per_channel else "per-tensor"),
+                  "activations": "QUInt8, dynamic per batch"}
+        extra: dict[str, Any] = {}
+        if tables:
+            extra = self._tables(out / OUTPUT_FILE, settings, exclude)
+            scheme["embeddings"] = extra.pop("scheme")
+        return _finish(job, out, exclude, {"scheme": scheme, **extra})
+
+    @staticmethod
+    def _tables(path: Path, settings, exclude: list[str]) -> dict[str, Any]:
+        """The LM head (MatMulNBits) and the embedding tables (GatherBlockQuantized) of the dynamic
+        int8 graph at `path` in blocks of --embedding-bits (8 by default), rewritten in place.
+
+        Small decoders need both: dynamic int8 is the fastest prefill on VNNI CPUs (one
+        DynamicQuantizeMatMul per projection), and the tied 8,192 x 256 table, as fp32 head and
+        int8 Gather, was most of the file (benchmarks/results/lm_quantize_austen.md).
+        """
+        import onnx
+
+        from compress.hardware import has_vnni
+        from compress.quantize.onnx_nbits import quantize_head_and_tables, set_accuracy_level, targets
+
+        bits = settings.embedding_bits or 8
+        model = onnx.load(str(path))
+        heads = sorted(head_nodes(model.graph))
+        gathers = [n for n, kind in targets(model, True).items() if kind == "embedding" and n not in exclude]
+        model = quantize_head_and_tables(model, bits, settings.block_size, False, [h for h in heads if h not in exclude],
+                                         gathers)
+        # int8 activations per block on VNNI CPUs, as the int8 projections around it already do.
+        level = 4 if has_vnni() else 0
+        set_accuracy_level(model, level)
+        onnx.save(model, str(path))
+        return {"scheme": f"{bits}-bit blocks of {settings.block_size} (round to nearest) for the embedding tables "
+                          f"and the output head (MatMulNBits accuracy_level {level})",
+                "tables": {"bits": bits, "block_size": settings.block_size, "head": heads, "gathers": gathers}}
 
 
 @register_method("ort-static-int8")

@@ -12,9 +12,11 @@ scale (and zero point unless `--symmetric`). Activations stay float, unless
 - `--algorithm gptq`: GPTQ with onnxruntime's bundled implementation (`gptq_quantize`, what
   `MatMulNBitsQuantizer` runs for a `GPTQWeightOnlyQuantConfig`), calibrated on
   `--calib-samples` training windows (4 bits).
-- `--quantize-embeddings`: also the token embedding (`Gather` -> 4-bit
-  `GatherBlockQuantized`, round to nearest) and the output head (the LM head, tied to the
-  embedding in GPT-2 and Llama specs). In a small LM these two are most of the file.
+- `--quantize-embeddings`: also the token embedding (`Gather` -> `GatherBlockQuantized`, round
+  to nearest) and the output head (the LM head, tied to the embedding in GPT-2 and Llama
+  specs). In a small LM these two are most of the file. `--embedding-bits 8` gives them 8-bit
+  blocks under a 4-bit body (onnxruntime's quantizer makes 4-bit tables only;
+  `compress.quantize.embeddings` makes the 8-bit ones).
 - `--accuracy-level auto` (default): the graph is built once, then timed with the MatMulNBits
   nodes at level 0 (fp32 compute) and at level 4 (int8 compute), interleaved on this
   machine; the faster is kept, and the manifest records both timings.
@@ -36,13 +38,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from compress.artifacts import copy_support_files, read_manifest
 from compress.errors import UserError
 from compress.onnx_graph import fold_constant_transposes, gemm_to_matmul
 from compress.quantize.onnx_int8 import head_nodes, load_graph
-from compress.quantize.registry import Job, Method, MethodSettings, register_method
+from compress.quantize.registry import Job, Method, TableSettings, register_method
 
 OUTPUT_FILE = "model_nbits.onnx"
 NBITS_OPS = ("MatMulNBits", "GatherBlockQuantized")
@@ -52,22 +54,13 @@ TIMED_PROMPT = 128
 LEVEL4_MARGIN = 0.97
 
 
-class NBitsSettings(MethodSettings):
+class NBitsSettings(TableSettings):
     """Settings of the MatMulNBits methods."""
 
     algorithm: Literal["rtn", "hqq", "gptq"] = Field("rtn", description="how blocks are rounded: rtn (round to nearest), hqq (half-quadratic scales, no data), gptq (calibrated on training text; 4 bits)")
-    block_size: int = Field(32, ge=16, le=256, description="weights per quantization block along the input dimension (a power of two, 16..256): smaller is more accurate and a little larger")
     symmetric: bool = Field(False, description="symmetric blocks without a zero point (rtn, gptq); asymmetric keeps one offset per block")
     accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = Field("auto", description="MatMulNBits compute: 0 = fp32 (unset), 4 = int8 activations per block (VNNI); auto = time 0 and 4 on this machine and keep the faster")
-    quantize_embeddings: bool = Field(False, description="also quantize the token embedding (Gather, 4-bit) and the output head (the LM head tied to it), most of a small LM's size")
     calib_samples: int = Field(32, ge=1, description="training examples (windows of --max-length tokens for a causal LM) used to calibrate")
-
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two (16, 32, 64, 128 or 256), got {v}")
-        return v
 
 
 def prepare(job: Job):
@@ -162,7 +155,10 @@ def quantize_graph(model, bits: int, settings: NBitsSettings, exclude: list[str]
                                                                  HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     found = targets(model, settings.quantize_embeddings)
-    matmuls = [n for n, k in found.items() if k == "matmul" and n not in exclude]
+    table_bits = settings.embedding_bits or bits
+    heads = head_nodes(model.graph) if table_bits != bits else set()
+    matmuls = [n for n, k in found.items() if k == "matmul" and n not in exclude and n not in heads]
+    head_matmuls = [n for n, k in found.items() if k == "matmul" and n not in exclude and n in heads]
     embeddings = [n for n, k in found.items() if k == "embedding" and n not in exclude]
     every_matmul = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     skip_matmuls = [n for n in every_matmul if n not in matmuls]
@@ -189,12 +185,35 @@ def quantize_graph(model, bits: int, settings: NBitsSettings, exclude: list[str]
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             quantizer.process()
         model = quantizer.model.model
-    if embeddings:
-        # Embedding tables: 4-bit round to nearest along the hidden dimension, whatever the algorithm.
-        others = [n.name for n in model.graph.node if n.op_type == "Gather" and n.name not in embeddings]
-        algo = DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric, bits=4,
+    # The output head at the tables' bits when they differ from the body's; the tables always here.
+    return quantize_head_and_tables(model, table_bits, settings.block_size, settings.symmetric, head_matmuls,
+                                    embeddings)
+
+
+def quantize_head_and_tables(model, bits: int, block_size: int, symmetric: bool, heads: list[str],
+                             gathers: list[str]):
+    """Round-to-nearest `bits` blocks for the named head MatMuls (MatMulNBits) and embedding
+    Gathers (GatherBlockQuantized; 4 bits by onnxruntime's quantizer, 8 by
+    `compress.quantize.embeddings`). Returns the model (a new ModelProto when onnxruntime ran)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    if heads:
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in heads]
+        algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits,
+                                            op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                         nodes_to_exclude=others, op_types_to_quantize=("MatMul",), algo_config=algo)
+        quantizer.process()
+        model = quantizer.model.model
+    if gathers and bits == 8:
+        from compress.quantize.embeddings import quantize_gathers_8bit
+
+        quantize_gathers_8bit(model, gathers, block_size, symmetric)
+    elif gathers:
+        others = [n.name for n in model.graph.node if n.op_type == "Gather" and n.name not in gathers]
+        algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=4,
                                             op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=settings.block_size, is_symmetric=settings.symmetric,
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
                                          nodes_to_exclude=others, op_types_to_quantize=("Gather",),
                                          quant_axes=(("Gather", 1),), algo_config=algo)
         quantizer.process()
@@ -270,10 +289,10 @@ class NBits(Method):
         if settings.algorithm in ("gptq", "hqq") and self.bits != 4:
             raise UserError(f"--algorithm {settings.algorithm} makes 4-bit blocks only in onnxruntime; use --method "
                             f"ort-int4, or --algorithm rtn for {self.bits}-bit weights.")
-        if settings.quantize_embeddings and self.bits != 4:
-            raise UserError("--quantize-embeddings makes 4-bit embedding tables (GatherBlockQuantized takes 4 bits "
-                            f"only), and --method {self.name} is {self.bits}-bit. Use --method ort-int4, or leave the "
-                            "embeddings in full precision.")
+        if settings.embedding_bits and not settings.quantize_embeddings:
+            raise UserError(f"--embedding-bits {settings.embedding_bits} sets the bits of the embedding tables and the "
+                            "output head, which stay in full precision without --quantize-embeddings. Add "
+                            "--quantize-embeddings, or drop --embedding-bits.")
         if settings.algorithm == "hqq" and settings.symmetric:
             raise UserError("--algorithm hqq keeps a zero point per block; it has no symmetric form. Drop --symmetric.")
 
@@ -337,7 +356,9 @@ class NBits(Method):
                 "ort_session_config": session_config,
                 "scheme": {"weights": f"{self.bits}-bit blocks of {settings.block_size}, "
                                       f"{'symmetric' if settings.symmetric else 'asymmetric'} ({settings.algorithm})",
-                           "embeddings": "4-bit blocks (round to nearest)" if settings.quantize_embeddings else "fp32",
+                           "embeddings": (f"{settings.embedding_bits or self.bits}-bit blocks of {settings.block_size} "
+                                          "(round to nearest), the output head too" if settings.quantize_embeddings
+                                          else "fp32"),
                            "activations": "int8 per block (accuracy_level 4)" if level_info["choice"] == 4 else
                            f"float (accuracy_level {level_info['choice']})"},
                 "quantized": {"MatMul": counts.get("MatMulNBits", 0), "Gather": counts.get("GatherBlockQuantized", 0)},

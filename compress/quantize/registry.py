@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.errors import UserError
 
@@ -29,6 +29,28 @@ class Int8Settings(MethodSettings):
     """The weight scheme every int8 method takes (torch-dynamic-int8 and the ONNX Runtime methods)."""
 
     per_channel: bool = Field(True, description="one scale per output channel instead of one per weight tensor; on the MiniLM teacher ort-dynamic-int8 lost 0.16 validation points per-channel against 1.22 per-tensor, at the same size")
+
+
+class TableSettings(MethodSettings):
+    """Blockwise weights and the embedding tables: the MatMulNBits methods and ort-dynamic-int8."""
+
+    block_size: int = Field(32, ge=16, le=256, description="weights per quantization block along the input dimension (a power of two, 16..256): smaller is more accurate and a little larger")
+    quantize_embeddings: bool = Field(False, description="also quantize the token embedding (Gather) and the output head (the LM head tied to it) as blocks of --embedding-bits (GatherBlockQuantized, MatMulNBits): most of a small LM's size")
+    embedding_bits: int | None = Field(None, description="4 or 8: bits of the embedding tables and the output head under --quantize-embeddings (default: 4 for ort-int4, 8 for the 8-bit methods)")
+
+    @field_validator("embedding_bits")
+    @classmethod
+    def _four_or_eight(cls, v: int | None) -> int | None:
+        if v not in (None, 4, 8):
+            raise ValueError(f"must be 4 or 8 (the bits GatherBlockQuantized and MatMulNBits take), got {v}")
+        return v
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (16, 32, 64, 128 or 256), got {v}")
+        return v
 
 
 @dataclass

@@ -62,9 +62,11 @@ class Task:
         return run
 
     def teacher_targets(self, teacher, split, *, top_k: int, temperature: float, batch_size: int, device: str,
-                        precision: str, directory: Path, key: dict | None = None) -> Any:
+                        precision: str, directory: Path, key: dict | None = None, progress: bool = True,
+                        **options) -> Any:
         """The teacher's soft targets for every training example of `split`, computed once before
-        distillation and kept in `directory` (a finished set with the same `key` is reused)."""
+        distillation and kept in `directory` (a finished set with the same `key` is reused);
+        `progress` shows a progress bar; `options` are the task's own (a causal LM's tail samples)."""
         raise NotImplementedError
 
     def distill_loss(self, teacher, targets, settings, projections=None):

@@ -13,8 +13,11 @@ same way (its own mass on the k ids, and one minus that, in float64, on all othe
 bucket can only shrink a divergence (data processing), so the cached loss is a lower bound
 of the full-vocabulary one, equal to it where the teacher's rest is zero; its gradient moves
 the student's mass on the teacher's top-k ids and its total mass elsewhere, but not how it
-spreads that mass among the other ids. `--teacher-online` instead runs the teacher on every
-batch and uses all ids.
+spreads that mass among the other ids. `--tail-samples m` fixes that for forward KL: the pass
+also draws m ids per position from the teacher's distribution outside its top k, and the rest
+bucket's term becomes a sampled estimate over them (`forward_kl_with_tail`), unbiased in value
+and gradient (the other divergences keep the k + 1 buckets). `--teacher-online` instead runs
+the teacher on every batch and uses all ids.
 
 Divergences (p = teacher, q = student, both at temperature T; each scaled by T^2 and
 averaged over real tokens):
@@ -128,29 +131,51 @@ def rest_log_mass(top_log_probs):
     return torch.log((-torch.expm1(top)).clamp_min(1e-30)).to(top_log_probs.dtype)
 
 
-def bucket_log_probs(student_logits, ids, temperature: float, target=None):
+def bucket_log_probs(student_logits, ids, temperature: float, target=None, extra=None):
     """The student's log-probabilities over the k cached ids plus one rest bucket, exactly.
 
     Args:
         student_logits: [b, t, vocab]; ids: [b, t, k] (int64).
         target: [b, t] next-token ids (int64) whose log-probability at temperature 1 is wanted
             too (for the cross-entropy); picked in the same pass when the temperature is 1.
+        extra: [b, t, m] more ids (the cache's tail samples) whose log q at the temperature is wanted.
     Returns:
         ([b, t, k + 1]: log q(id) for each cached id, then log of q's mass on every other id;
-         [b, t] log q(target) at temperature 1, or None without `target`).
+         [b, t] log q(target) at temperature 1, or None without `target`;
+         [b, t, m] log q(extra), or None without `extra`).
     """
     import torch
 
     z = student_logits.float()
+    k = ids.shape[-1]
+    wanted = ids if extra is None else torch.cat([ids, extra], dim=-1)
     target_lp = None
     if target is not None and temperature == 1.0:
-        both = picked_log_softmax(z, torch.cat([target.unsqueeze(-1), ids], dim=-1))
-        target_lp, top = both[..., 0], both[..., 1:]
+        picked = picked_log_softmax(z, torch.cat([target.unsqueeze(-1), wanted], dim=-1))
+        target_lp, picked = picked[..., 0], picked[..., 1:]
     else:
         if target is not None:
             target_lp = picked_log_softmax(z, target.unsqueeze(-1))[..., 0]
-        top = picked_log_softmax(z / temperature if temperature != 1.0 else z, ids)
-    return torch.cat([top, rest_log_mass(top)], dim=-1), target_lp
+        picked = picked_log_softmax(z / temperature if temperature != 1.0 else z, wanted)
+    top, extra_lp = picked[..., :k], (picked[..., k:] if extra is not None else None)
+    return torch.cat([top, rest_log_mass(top)], dim=-1), target_lp, extra_lp
+
+
+def forward_kl_with_tail(log_p, log_q, tail_p, tail_q):
+    """KL(p || q) per position from the k cached ids exactly and the rest by sampling.
+
+    Args:
+        log_p, log_q: [..., k + 1] bucket log-probabilities (the k ids, then the rest).
+        tail_p, tail_q: [..., m] log p and log q of m ids drawn from the teacher's distribution
+            outside the k ids (with replacement).
+    The rest bucket's term is replaced by rest(p) * mean_j (log p(t_j) - log q(t_j)), whose
+    expectation over the draws is the exact KL of the ids outside the top k: the estimate and
+    its gradient are unbiased, where the bucket alone only matches the student's total mass there.
+    """
+    log_p, log_q = log_p.clamp_min(_FLOOR), log_q.clamp_min(_FLOOR)
+    head = _kl(log_p[..., :-1], log_q[..., :-1])
+    tail = (tail_p.clamp_min(_FLOOR) - tail_q.clamp_min(_FLOOR)).mean(-1)
+    return head + log_p[..., -1].exp() * tail
 
 
 def hidden_mse(student_h, teacher_h, mask, projection=None):
@@ -188,15 +213,34 @@ class TopKTargets:
     rest: np.ndarray
     meta: dict = field(default_factory=dict)
 
+    tail_ids: np.ndarray | None = None
+    tail_logp: np.ndarray | None = None
+
     FILES = ("ids.bin", "logp.bin", "rest.bin")
+    TAIL_FILES = ("tail_ids.bin", "tail_logp.bin")
 
     @property
     def k(self) -> int:
         return self.ids.shape[-1]
 
     @property
+    def tail_samples(self) -> int:
+        return 0 if self.tail_ids is None else self.tail_ids.shape[-1]
+
+    @property
     def bytes_on_disk(self) -> int:
-        return sum((self.directory / f).stat().st_size for f in self.FILES)
+        files = self.FILES + (self.TAIL_FILES if self.tail_samples else ())
+        return sum((self.directory / f).stat().st_size for f in files)
+
+    def tail(self, index, device):
+        """(ids int64 [b, t, m], teacher log-probs float32 [b, t, m]) of the tail draws of blocks `index`, or None."""
+        import torch
+
+        if not self.tail_samples:
+            return None
+        idx = np.asarray(index.cpu() if hasattr(index, "cpu") else index)
+        return (torch.from_numpy(self.tail_ids[idx].astype(np.int64)).to(device),
+                torch.from_numpy(self.tail_logp[idx].astype(np.float32)).to(device))
 
     def batch(self, index, device):
         """(ids int64 [b, t, k], teacher bucket log-probs float32 [b, t, k + 1]) of the blocks `index`."""
@@ -216,14 +260,24 @@ class TopKTargets:
             return None
         meta = json.loads(meta_path.read_text())
         n, t, k = meta["shape"]
+        m = int(meta.get("tail_samples") or 0)
+        tail = {}
+        if m:
+            tail = {"tail_ids": np.memmap(directory / "tail_ids.bin", dtype=meta["ids_dtype"], mode="r", shape=(n, t, m)),
+                    "tail_logp": np.memmap(directory / "tail_logp.bin", dtype=np.float16, mode="r", shape=(n, t, m))}
         return cls(directory, np.memmap(directory / "ids.bin", dtype=meta["ids_dtype"], mode="r", shape=(n, t, k)),
                    np.memmap(directory / "logp.bin", dtype=np.float16, mode="r", shape=(n, t, k)),
-                   np.memmap(directory / "rest.bin", dtype=np.float32, mode="r", shape=(n, t)), meta)
+                   np.memmap(directory / "rest.bin", dtype=np.float32, mode="r", shape=(n, t)), meta, **tail)
 
     @classmethod
     def build(cls, teacher, blocks: np.ndarray, *, k: int, temperature: float, batch_size: int, device: str,
-              precision: str, directory: Path, key: dict | None = None) -> "TopKTargets":
+              precision: str, directory: Path, key: dict | None = None, progress: bool = True,
+              tail_samples: int = 0, seed: int = 0) -> "TopKTargets":
         """One no-grad teacher pass over `blocks` ([n, t] token ids); reuses a finished cache with the same key.
+
+        With `tail_samples` m > 0 it also draws, per position, m ids (with replacement) from the
+        teacher's distribution outside its top k, and keeps them with their log-probabilities
+        (`forward_kl_with_tail` uses them); the draws are seeded by `seed` and the batch.
 
         Under DDP each rank scores every world-th batch into the shared files (the work
         directory is shared, as the checkpoints are).
@@ -235,6 +289,8 @@ class TopKTargets:
             raise UserError(f"--top-k {k} must be between 1 and the teacher's vocabulary size ({vocab}).")
         directory = Path(directory)
         key = {"k": k, "temperature": temperature, "blocks": list(blocks.shape), **(key or {})}
+        if tail_samples:
+            key.update(tail_samples=tail_samples, seed=seed)
         found = cls.open(directory)
         if found is not None and found.meta.get("key") == key:
             return found
@@ -243,19 +299,29 @@ class TopKTargets:
         if dist.is_main():
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "meta.json").unlink(missing_ok=True)
-            for name, dtype, shape in (("ids.bin", ids_dtype, (n, t, k)), ("logp.bin", np.float16, (n, t, k)),
-                                       ("rest.bin", np.float32, (n, t))):
+            files = [("ids.bin", ids_dtype, (n, t, k)), ("logp.bin", np.float16, (n, t, k)), ("rest.bin", np.float32, (n, t))]
+            if tail_samples:
+                files += [("tail_ids.bin", ids_dtype, (n, t, tail_samples)),
+                          ("tail_logp.bin", np.float16, (n, t, tail_samples))]
+            for name, dtype, shape in files:
                 np.memmap(directory / name, dtype=dtype, mode="w+", shape=shape).flush()
         dist.barrier()
         ids = np.memmap(directory / "ids.bin", dtype=ids_dtype, mode="r+", shape=(n, t, k))
         logp = np.memmap(directory / "logp.bin", dtype=np.float16, mode="r+", shape=(n, t, k))
         rest = np.memmap(directory / "rest.bin", dtype=np.float32, mode="r+", shape=(n, t))
+        if tail_samples:
+            tail_ids = np.memmap(directory / "tail_ids.bin", dtype=ids_dtype, mode="r+", shape=(n, t, tail_samples))
+            tail_logp = np.memmap(directory / "tail_logp.bin", dtype=np.float16, mode="r+", shape=(n, t, tail_samples))
         was_training = teacher.training
         teacher.to(device).eval()
         t0 = time.perf_counter()
         starts = list(range(0, n, batch_size))[dist.rank()::dist.world_size()]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(starts, desc="teacher top-k cache", unit="batch", disable=not (progress and dist.is_main()),
+                   dynamic_ncols=True, mininterval=2.0)
         with torch.inference_mode(), autocast(device.split(":")[0], precision):
-            for s in starts:
+            for s in bar:
                 x = torch.from_numpy(blocks[s:s + batch_size]).to(device)
                 z = teacher(input_ids=x).logits.float() / temperature
                 lse = torch.logsumexp(z, dim=-1, keepdim=True)
@@ -265,13 +331,17 @@ class TopKTargets:
                 logp[s:s + len(x)] = top.cpu().numpy().astype(np.float16)
                 # A teacher with all its mass on k ids has log(~0) here: floor it (exp -> 0).
                 rest[s:s + len(x)] = rest_log_mass(top)[..., 0].clamp_min(_FLOOR).cpu().numpy()
-        for m in (ids, logp, rest):
+                if tail_samples:
+                    draws = _draw_tail(z, top_ids, tail_samples, torch.Generator().manual_seed(seed * 1_000_003 + s))
+                    tail_ids[s:s + len(x)] = draws.cpu().numpy().astype(ids_dtype)
+                    tail_logp[s:s + len(x)] = (z.gather(-1, draws) - lse).cpu().numpy().astype(np.float16)
+        for m in (ids, logp, rest) + ((tail_ids, tail_logp) if tail_samples else ()):
             m.flush()
         teacher.train(was_training)
         seconds = dist.mean(time.perf_counter() - t0) if dist.world_size() > 1 else time.perf_counter() - t0
         dist.barrier()
         meta = {"key": key, "shape": [n, t, k], "ids_dtype": ids_dtype, "seconds": round(seconds, 2),
-                "mean_rest_mass": None}
+                "mean_rest_mass": None, "tail_samples": tail_samples}
         if dist.is_main():
             meta["mean_rest_mass"] = float(np.exp(rest[:min(n, 256)].astype(np.float64)).mean())
             (directory / "meta.json").write_text(json.dumps(meta))
@@ -279,6 +349,17 @@ class TopKTargets:
         found = cls.open(directory)
         assert found is not None
         return found
+
+
+def _draw_tail(z, top_ids, m: int, generator):
+    """[b, t, m] ids drawn with replacement from softmax(z) outside `top_ids` (the teacher's tail)."""
+    import torch
+
+    probs = torch.softmax(z, dim=-1).scatter_(-1, top_ids, 0.0)
+    flat = probs.view(-1, probs.shape[-1])
+    # A row with no mass left (k = the vocabulary, or a one-hot teacher): draw id 0, weight ~0.
+    flat[flat.sum(-1) <= 0, 0] = 1.0
+    return torch.multinomial(flat, m, replacement=True, generator=generator).view(*z.shape[:-1], m)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -328,9 +409,12 @@ class LMDistillLoss:
         if self.needs_teacher_forward:
             with torch.no_grad():
                 t_out = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=self.use_hidden)
+        tail = None
         if self.targets is not None:
             t_ids, log_p = self.targets.batch(batch["index"], logits.device)
-            log_q, target_lp = bucket_log_probs(logits, t_ids, s.temperature, target)
+            tail = self.targets.tail(batch["index"], logits.device)
+            log_q, target_lp, tail_q = bucket_log_probs(logits, t_ids, s.temperature, target,
+                                                        tail[0] if tail is not None else None)
         else:
             log_p = torch.log_softmax(t_out.logits.float() / s.temperature, dim=-1)
             log_q = torch.log_softmax(logits / s.temperature, dim=-1)
@@ -340,7 +424,11 @@ class LMDistillLoss:
         parts = {"ce": float(ce.detach())}
         kd = 0.0
         for name, weight in s.divergences.items():
-            d = masked_mean(divergence(name, log_p, log_q, skew=s.skew, beta=s.beta), mask) * s.temperature ** 2
+            if name == "forward_kl" and tail is not None:
+                per_position = forward_kl_with_tail(log_p, log_q, tail[1], tail_q)
+            else:
+                per_position = divergence(name, log_p, log_q, skew=s.skew, beta=s.beta)
+            d = masked_mean(per_position, mask) * s.temperature ** 2
             parts[name] = float(d.detach())
             kd = kd + weight * d
         total = s.alpha * kd + (1 - s.alpha) * ce if s.divergences else ce
