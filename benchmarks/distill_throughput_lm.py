@@ -266,7 +266,7 @@ def render(report: dict) -> str:
         med = st["median_step_seconds"]
         cache = st["cache_seconds_per_block"] * n
         lines += ["", "## Top-k cache vs --teacher-online, interleaved steps", "",
-                  f"{st['steps_each']} training steps of each, alternated on one student (eager, fp32, batch "
+                  f"{st['steps_each']} training steps of each, alternated on one student (eager, {s['precision']}, batch "
                   f"{s['batch_size']}); medians. An Austen epoch is {steps} steps ({n} blocks).", "",
                   "| targets | s/step | s/epoch (projected) |", "|---|---|---|",
                   f"| top-k cache | {med['cached']:.3f} | {med['cached'] * steps:.0f} (+ {cache:.0f} s cache pass, once) |",

@@ -118,6 +118,12 @@ def build(teacher: Path, work: Path, args) -> dict[str, dict]:
         name = f"int4, {args.int4_embedding_bits}-bit tables"
         ours[name] = None
         made[name] = (args.int4_method, {**int4_settings, "embedding_bits": args.int4_embedding_bits})
+    if args.int8_embedding_bits:
+        # Dynamic int8 projections with the head and tables as blockwise kernels (the LM quickstart ships bits 4).
+        name = f"int8, {args.int8_embedding_bits}-bit tables"
+        ours[name] = None
+        made[name] = (args.int8_method, {"quantize_embeddings": True, "embedding_bits": args.int8_embedding_bits,
+                                         "block_size": 128})
     if not all(ours.values()):
         from compress.export import ExportConfig, export
         from compress.quantize import QuantizeConfig, quantize
@@ -125,9 +131,9 @@ def build(teacher: Path, work: Path, args) -> dict[str, dict]:
         onnx_dir = Path(args.onnx) if args.onnx else work / "ours-onnx"
         if not args.onnx:
             export(ExportConfig(model=str(teacher), out=str(onnx_dir), threads=args.threads))
-        for kind, (method, extra) in made.items():
+        for i, (kind, (method, extra)) in enumerate(made.items()):
             if ours[kind] is None:
-                ours[kind] = work / f"ours-{len(ours)}-{kind.split(',')[0]}"
+                ours[kind] = work / f"ours-{i}"
                 quantize(QuantizeConfig(model=str(onnx_dir), out=str(ours[kind]), method=method, threads=args.threads,
                                         **extra))
     for kind, path in ours.items():
@@ -202,6 +208,8 @@ def main() -> None:
                    help="also quantize the embedding and the LM head (as recipes/lm-quickstart.yaml)")
     p.add_argument("--int4-embedding-bits", type=int, default=8,
                    help="also time an int4 whose embedding and head are 8-bit blocks (0: not)")
+    p.add_argument("--int8-embedding-bits", type=int, default=8,
+                   help="also time a dynamic int8 whose head and tables are blocks of 128 at these bits (0: not)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--batch", type=int, default=8, help="the larger decode batch")

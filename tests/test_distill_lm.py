@@ -299,13 +299,15 @@ def test_distill_lm_with_the_topk_cache_writes_report_and_baseline(tiny_lm, tmp_
     m = json.loads((out / "manifest.json").read_text())
     assert m["task"] == "causal-lm" and m["student"]["teacher_layers"] == [0]
     cache = m["teacher_cache"]
-    assert cache["k"] == 16 and cache["bytes_on_disk"] == cache["positions"] * (16 * 4 + 4) and cache["seconds"] > 0
+    # k ids and log-probs (2 + 2 bytes), the rest (4), and the default 32 tail draws (2 + 2 each).
+    assert cache["k"] == 16 and cache["tail_samples"] == 32 and cache["seconds"] > 0
+    assert cache["bytes_on_disk"] == cache["positions"] * (16 * 4 + 4 + 32 * 4)
     assert m["teacher_forward_calls"]["training"] == 0  # the epochs read the cache, never the teacher
     assert [r["name"] for r in m["comparison"]] == ["teacher", "student (KD)", "student (no KD)"]
     assert m["baseline"]["steps"] == m["metrics"]["steps"] == 10
     assert m["baseline"]["test"]["perplexity"] != m["metrics"]["test"]["perplexity"]
     report = (out / "distill_report.md").read_text()
-    assert "top-16 cache" in report and "MB on disk" in report and "student (no KD)" in report
+    assert "top-16 cache + 32 tail draws" in report and "MB on disk" in report and "student (no KD)" in report
     assert not Path(str(out) + ".work").exists()  # the cache lived in the work directory only
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("forward_kl" in r for r in log if r["event"] == "train")

@@ -49,7 +49,8 @@ def test_a_setting_the_method_does_not_take_names_the_method_and_what_it_takes()
     from compress.quantize import QuantizeConfig
 
     with pytest.raises(UserError, match=r"--method ort-dynamic-int8 does not take calib_method; it takes "
-                                        r"per_channel, weight_type, optimize"):
+                                        r"block_size, quantize_embeddings, embedding_bits, per_channel, weight_type, "
+                                        r"optimize"):
         QuantizeConfig.parse({"model": "m", "out": "o", "method": "ort-dynamic-int8", "calib_method": "entropy"})
     with pytest.raises(UserError, match="--method bf16 does not take per_channel; it takes no settings"):
         QuantizeConfig.parse({"model": "m", "out": "o", "method": "bf16", "per_channel": False})

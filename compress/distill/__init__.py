@@ -49,7 +49,7 @@ class DistillConfig(LoopConfig):
     temperature: float | None = Field(None, gt=0, description="softmax temperature of the soft targets (the KL is scaled by T^2); default 2 for classifiers, 1 for causal LMs")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target KL; hard-label CE gets 1 - alpha")
     top_k: int = Field(32, ge=1, description="causal LM: keep the teacher's k most likely next tokens per position (plus the leftover mass) in the on-disk cache")
-    tail_samples: int = Field(0, ge=0, description="causal LM: also cache this many ids per position drawn from the teacher's distribution outside its top k; forward KL then estimates the tail instead of matching only its mass (docs/distill.md)")
+    tail_samples: int | None = Field(None, ge=0, description="causal LM: also cache this many ids per position drawn from the teacher's distribution outside its top k; forward KL then estimates the tail instead of matching only its mass (default 32 with the cache and forward_kl, else 0; 0 = off; docs/distill.md)")
     teacher_online: bool = Field(False, description="causal LM: run the teacher on every batch and distil from its full distribution instead of the top-k cache")
     skew: float = Field(0.1, gt=0, lt=1, description="causal LM: the mixing weight a of skew_kl = KL(p || a p + (1-a) q) and skew_reverse_kl")
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="causal LM: beta of the generalized JSD (jsd) between teacher p and student q")

@@ -1,4 +1,6 @@
-"""8-bit embedding tables: `Gather` -> `GatherBlockQuantized` with `bits=8`.
+"""Embedding tables and the output head as blocks: `Gather` -> `GatherBlockQuantized` (4 or 8
+bits) and the head `MatMul` -> `MatMulNBits`, shared by ort-int4/ort-int8-weight-only and
+ort-dynamic-int8 --quantize-embeddings.
 
 onnxruntime's MatMulNBitsQuantizer quantizes a Gather to 4 bits only ("Gather only supports 4
 bits quantization"), though the GatherBlockQuantized kernel also reads 8-bit tables (uint8
@@ -77,3 +79,55 @@ def quantize_gathers_8bit(model, names: list[str], block_size: int, symmetric: b
     if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return done
+
+
+def embedding_gathers(graph) -> list[str]:
+    """Names of the Gathers that look up a constant 2-D table (token and position embeddings)."""
+    tables = {t.name for t in graph.initializer if len(t.dims) == 2}
+    return [n.name for n in graph.node if n.op_type == "Gather" and n.input[0] in tables]
+
+
+def set_accuracy_level(model, level: int) -> int:
+    """Set (level > 0) or remove (0) the accuracy_level attribute of every MatMulNBits node."""
+    from onnx import helper
+
+    n = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        keep = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        if level:
+            node.attribute.append(helper.make_attribute("accuracy_level", level))
+        n += 1
+    return n
+
+
+def quantize_head_and_tables(model, bits: int, block_size: int, symmetric: bool, heads: list[str],
+                             gathers: list[str]):
+    """Round-to-nearest `bits` blocks for the named head MatMuls (MatMulNBits) and embedding
+    Gathers (GatherBlockQuantized; 4 bits by onnxruntime's quantizer, 8 by
+    `compress.quantize.embeddings`). Returns the model (a new ModelProto when onnxruntime ran)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    if heads:
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in heads]
+        algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits,
+                                            op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                         nodes_to_exclude=others, op_types_to_quantize=("MatMul",), algo_config=algo)
+        quantizer.process()
+        model = quantizer.model.model
+    if gathers and bits == 8:
+        quantize_gathers_8bit(model, gathers, block_size, symmetric)
+    elif gathers:
+        others = [n.name for n in model.graph.node if n.op_type == "Gather" and n.name not in gathers]
+        algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=4,
+                                            op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                         nodes_to_exclude=others, op_types_to_quantize=("Gather",),
+                                         quant_axes=(("Gather", 1),), algo_config=algo)
+        quantizer.process()
+        model = quantizer.model.model
+    return model

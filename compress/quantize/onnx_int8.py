@@ -265,12 +265,12 @@ class OrtDynamicInt8(Method):
         import onnx
 
         from compress.hardware import has_vnni
-        from compress.quantize.onnx_nbits import quantize_head_and_tables, set_accuracy_level, targets
+        from compress.quantize.embeddings import embedding_gathers, quantize_head_and_tables, set_accuracy_level
 
         bits = settings.embedding_bits or 8
         model = onnx.load(str(path))
         heads = sorted(head_nodes(model.graph))
-        gathers = [n for n, kind in targets(model, True).items() if kind == "embedding" and n not in exclude]
+        gathers = [n for n in embedding_gathers(model.graph) if n not in exclude]
         model = quantize_head_and_tables(model, bits, settings.block_size, False, [h for h in heads if h not in exclude],
                                          gathers)
         # int8 activations per block on VNNI CPUs, as the int8 projections around it already do.

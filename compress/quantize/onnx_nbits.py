@@ -43,6 +43,7 @@ from pydantic import Field
 from compress.artifacts import copy_support_files, read_manifest
 from compress.errors import UserError
 from compress.onnx_graph import fold_constant_transposes, gemm_to_matmul
+from compress.quantize.embeddings import quantize_head_and_tables, set_accuracy_level
 from compress.quantize.onnx_int8 import head_nodes, load_graph
 from compress.quantize.registry import Job, Method, TableSettings, register_method
 
@@ -91,23 +92,6 @@ def targets(model, quantize_embeddings: bool) -> dict[str, str]:
         elif node.op_type == "Gather" and quantize_embeddings and node.input[0] in consts:
             found[node.name] = "embedding"
     return found
-
-
-def set_accuracy_level(model, level: int) -> int:
-    """Set (level > 0) or remove (0) the accuracy_level attribute of every MatMulNBits node."""
-    from onnx import helper
-
-    n = 0
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        keep = [a for a in node.attribute if a.name != "accuracy_level"]
-        del node.attribute[:]
-        node.attribute.extend(keep)
-        if level:
-            node.attribute.append(helper.make_attribute("accuracy_level", level))
-        n += 1
-    return n
 
 
 def nbits_counts(model) -> dict[str, int]:
@@ -188,37 +172,6 @@ def quantize_graph(model, bits: int, settings: NBitsSettings, exclude: list[str]
     # The output head at the tables' bits when they differ from the body's; the tables always here.
     return quantize_head_and_tables(model, table_bits, settings.block_size, settings.symmetric, head_matmuls,
                                     embeddings)
-
-
-def quantize_head_and_tables(model, bits: int, block_size: int, symmetric: bool, heads: list[str],
-                             gathers: list[str]):
-    """Round-to-nearest `bits` blocks for the named head MatMuls (MatMulNBits) and embedding
-    Gathers (GatherBlockQuantized; 4 bits by onnxruntime's quantizer, 8 by
-    `compress.quantize.embeddings`). Returns the model (a new ModelProto when onnxruntime ran)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    if heads:
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in heads]
-        algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits,
-                                            op_types_to_quantize=("MatMul",))
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                         nodes_to_exclude=others, op_types_to_quantize=("MatMul",), algo_config=algo)
-        quantizer.process()
-        model = quantizer.model.model
-    if gathers and bits == 8:
-        from compress.quantize.embeddings import quantize_gathers_8bit
-
-        quantize_gathers_8bit(model, gathers, block_size, symmetric)
-    elif gathers:
-        others = [n.name for n in model.graph.node if n.op_type == "Gather" and n.name not in gathers]
-        algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=4,
-                                            op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),))
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                         nodes_to_exclude=others, op_types_to_quantize=("Gather",),
-                                         quant_axes=(("Gather", 1),), algo_config=algo)
-        quantizer.process()
-        model = quantizer.model.model
-    return model
 
 
 def _timing_runner(directory: Path, name: str, threads: int | None, session_config: dict):
