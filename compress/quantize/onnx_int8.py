@@ -13,7 +13,8 @@ MatMul, Gemm and Gather are quantized: the attention-mask Add holds -3.4e38, whi
 entropy and percentile histograms useless, and leaving Add out keeps it uncalibrated.
 
 The output head stays fp32 in both (the MatMul/Gemm that produces the logits: a classifier's
-head, a causal LM's LM head). Dynamic int8 also takes a causal LM's decoder graph (with past
+head, a causal LM's LM head), unless `ort-dynamic-int8 --quantize-embeddings` puts it and the
+embedding tables in `--embedding-bits` blocks (MatMulNBits, GatherBlockQuantized). Dynamic int8 also takes a causal LM's decoder graph (with past
 key values); static int8 is for classifiers.
 """
 
@@ -36,7 +37,9 @@ from compress.runners.ort import find_onnx_file
 OUTPUT_FILE = "model_int8.onnx"
 # What the quantized graph's operators were before quantization (dynamic IntegerOps).
 INTEGER_OPS = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul", "MatMulIntegerToFloat": "MatMul",
-               "QAttention": "Attention", "QEmbedLayerNormalization": "EmbedLayerNormalization", "QGemm": "Gemm"}
+               "QAttention": "Attention", "QEmbedLayerNormalization": "EmbedLayerNormalization", "QGemm": "Gemm",
+               # the head and tables under --quantize-embeddings
+               "MatMulNBits": "MatMul", "GatherBlockQuantized": "Gather"}
 DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "Gather", "EmbedLayerNormalization")
 GEMM_SUFFIX = "_MatMul"
 STATIC_OPS = ("MatMul", "Gemm", "Gather")
@@ -199,13 +202,14 @@ def _finish(job: Job, out: Path, exclude: list[str], extra: dict[str, Any]) -> d
     model = onnx.load(str(out / OUTPUT_FILE), load_external_data=False)
     src_manifest = read_manifest(job.source)
     heads = sorted(head_nodes(load_graph(job.source).graph))
+    quantized_heads = set((extra.get("tables") or {}).get("head") or [])
     return {"format": "onnx", "onnx_file": OUTPUT_FILE, "run_device": "cpu",
             "source_graph": {"optimize": src_manifest.get("optimize"), "fused": src_manifest.get("fused"),
                              "skip_layer_norm": src_manifest.get("skip_layer_norm")},
             # The export stage's session settings were chosen for this graph; they still apply.
             "ort_session_config": src_manifest.get("ort_session_config") or {},
             "quantized": quantized_counts(model),
-            "skipped": [{"node": n, "reason": "output head kept fp32"} for n in heads]
+            "skipped": [{"node": n, "reason": "output head kept fp32"} for n in heads if n not in quantized_heads]
             + [{"node": n, "reason": "accuracy-aware fallback"} for n in exclude], **extra}
 
 
