@@ -50,6 +50,15 @@ def student_of(teacher, layers):
     return model.train()
 
 
+def cache_targets(task, teacher, blocks, args, directory: Path):
+    """compress's teacher pass over `blocks`, as `compress distill` makes it (top-k and tail draws)."""
+    from compress.lm_data import TokenBlocks
+
+    return task.teacher_targets(teacher, TokenBlocks(blocks), top_k=args.top_k, temperature=T, batch_size=16,
+                                device="cpu", precision=args.precision, directory=directory / "topk", progress=False,
+                                tail_samples=args.tail_samples)
+
+
 def run_compress(teacher, layers, blocks, val, args, compile_: bool) -> dict:
     from compress.lm_data import TokenBlocks
     from compress.loop import LoopConfig, fit
@@ -63,9 +72,7 @@ def run_compress(teacher, layers, blocks, val, args, compile_: bool) -> dict:
                      compile=compile_)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        targets = task.teacher_targets(teacher, TokenBlocks(blocks), top_k=args.top_k, temperature=T, batch_size=16,
-                                       device="cpu", precision=args.precision, directory=Path(d) / "topk",
-                                       progress=False)
+        targets = cache_targets(task, teacher, blocks, args, Path(d))
         cache_seconds = time.perf_counter() - t0
         (Path(d) / "work").mkdir()
         loss = task.distill_loss(teacher, targets, LMDistillSettings(divergences={"forward_kl": 1.0}, temperature=T,
@@ -129,7 +136,6 @@ def interleaved_steps(teacher, layers, blocks, args) -> dict:
     import torch
 
     from compress.hardware import autocast
-    from compress.lm_data import TokenBlocks
     from compress.tasks.causal_lm import CausalLMTask
     from compress.tasks.lm_kd import LMDistillSettings
 
@@ -141,9 +147,7 @@ def interleaved_steps(teacher, layers, blocks, args) -> dict:
     sub = blocks[:n]
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        targets = task.teacher_targets(teacher, TokenBlocks(sub), top_k=args.top_k, temperature=T, batch_size=16,
-                                       device="cpu", precision=args.precision, directory=Path(d) / "topk",
-                                       progress=False)
+        targets = cache_targets(task, teacher, sub, args, Path(d))
         cache_seconds = time.perf_counter() - t0
         losses = {"cached": task.distill_loss(teacher, targets, settings),
                   "online": task.distill_loss(teacher, None, settings)}
@@ -190,6 +194,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="both sides: compress's loop and cache pass, the Trainer's bf16=True, the interleaved steps")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. -bf16)")
+    ap.add_argument("--tail-samples", type=int, default=32,
+                    help="tail draws per position in the cache (compress distill's default for forward KL)")
     args = ap.parse_args()
 
     teacher, tokenizer = load_causal_lm(args.teacher)
@@ -229,7 +235,8 @@ def main() -> None:
                            "student_layers": layers,
                            "student_params": sum(p.numel() for p in student_of(teacher, layers).parameters()),
                            "blocks": len(blocks), "block": block, "epochs": args.epochs, "batch_size": args.batch_size,
-                           "top_k": args.top_k, "alpha": ALPHA, "temperature": T, "precision": args.precision,
+                           "top_k": args.top_k, "tail_samples": args.tail_samples, "alpha": ALPHA, "temperature": T,
+                           "precision": args.precision,
                            "threads": torch.get_num_threads(), "dataset": "austen (first blocks of train)"},
               "environment": {"cpu": cpu_info(), "python": platform.python_version(), "versions": library_versions(),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
@@ -251,7 +258,7 @@ def render(report: dict) -> str:
     lines = ["# Causal-LM distillation throughput: compress vs a transformers.Trainer that runs the teacher", "",
              f"Teacher `{s['teacher']}` ({s['teacher_params'] / 1e6:.1f} M parameters) -> student of its layers "
              f"{s['student_layers']} ({s['student_params'] / 1e6:.1f} M), {s['blocks']} Austen blocks of {s['block']} "
-             f"tokens, {s['epochs']} epoch(s), batch {s['batch_size']}, top-k {s['top_k']}, {s['precision']}, "
+             f"tokens, {s['epochs']} epoch(s), batch {s['batch_size']}, top-k {s['top_k']} + {s.get('tail_samples', 0)} tail draws, {s['precision']}, "
              f"{s['threads']} threads, CPU {report['environment']['cpu'].get('model')}. Wall time of the whole call "
              "(compress: cache pass + training), compilation included.",
              "", "| run | tokens/s | seconds | of which cache pass |", "|---|---|---|---|"]

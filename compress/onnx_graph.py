@@ -130,7 +130,7 @@ def gemm_to_matmul(model) -> int:
         converted += 1
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return converted
 
 
@@ -156,12 +156,14 @@ def fold_constant_transposes(model) -> int:
         folded += 1
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return folded
 
 
-def _drop_unused_initializers(graph) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+def drop_unused_initializers(graph) -> None:
+    """Remove, in place, the initializers no node reads. One that is also a graph input stays:
+    without it the input (an optional one, like `logits_to_keep`) would become required."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | {i.name for i in graph.input}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)

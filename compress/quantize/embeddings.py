@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from compress.onnx_graph import drop_unused_initializers
+
 DEFAULT_ZERO_POINT = 128  # what GatherBlockQuantized assumes for 8-bit data without zero points
 
 
@@ -72,10 +74,7 @@ def quantize_gathers_8bit(model, names: list[str], block_size: int, symmetric: b
         graph.node.remove(node)
         graph.node.insert(i, new)
         done += 1
-    used = {x for n in graph.node for x in n.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in {g.name for g in graph.input}]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    drop_unused_initializers(graph)
     if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return done
