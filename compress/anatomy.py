@@ -8,6 +8,8 @@ new architecture is taught to compress in one module.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 
 from compress.errors import UserError
@@ -109,3 +111,43 @@ def embeddings_tied(model) -> bool:
     """True when the LM head shares its weight tensor with the input embedding."""
     out = model.get_output_embeddings()
     return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+# Activation modules written as several elementwise kernels, each with a one-kernel equal in
+# torch: GPT-2's gelu_new and gelu_fast are the tanh GELU (to 2e-7 in float32).
+_TANH_GELU_CLASSES = ("NewGELUActivation", "FastGELUActivation")
+
+
+@contextlib.contextmanager
+def fused_activations(*models):
+    """Run `models` with their multi-kernel tanh-GELU modules swapped for torch's fused one.
+
+    gelu_new costs five elementwise passes forward and as many backward (a 2.5x slower
+    activation, 0.5 s of a 1.7 s Austen cache pass); `F.gelu(approximate="tanh")` is one. The
+    original modules come back on exit, so what is saved or exported is what was loaded.
+    """
+    swapped = []
+    for model in models:
+        if model is None:
+            continue
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child).__name__ in _TANH_GELU_CLASSES:
+                    setattr(parent, name, _tanh_gelu()())
+                    swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+@functools.cache
+def _tanh_gelu():
+    import torch
+
+    class TanhGELU(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.gelu(x, approximate="tanh")
+
+    return TanhGELU

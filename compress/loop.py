@@ -5,7 +5,8 @@ What it does: AdamW with warm-up and linear/cosine decay, weight decay, gradient
 clipping and accumulation; bf16/fp16 autocast where the hardware supports it;
 evaluation on the validation split each epoch (or every N steps), best weights kept,
 early stopping; a progress bar with loss, samples/s and ETA; a JSONL log; atomic
-checkpoints so that Ctrl-C or kill -9 can continue with `--resume`; DDP under torchrun.
+checkpoints so that Ctrl-C or kill -9 can continue with `--resume`; DDP under torchrun;
+multi-kernel activations (GPT-2's gelu_new) run as one fused kernel.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from compress import distributed as dist
+from compress.anatomy import fused_activations
 from compress.config import RuntimeConfig
 from compress.data import DataConfig, bucketed_batches
 from compress.errors import UserError
@@ -184,6 +186,15 @@ def fit(model, *, train, cfg: LoopConfig, work: Path, loss_fn: LossFn, evaluate:
     Returns:
         FitResult with the best validation metrics, the evaluation history and speed figures.
     """
+    # GPT-2's multi-kernel GELU trains as torch's fused one: swapped before DDP and torch.compile
+    # wrap the model, and back before fit returns (what is saved is what was loaded).
+    with fused_activations(model, extra):
+        return _fit(model, train=train, cfg=cfg, work=work, loss_fn=loss_fn, evaluate=evaluate, metric=metric,
+                    higher_is_better=higher_is_better, extra=extra)
+
+
+def _fit(model, *, train, cfg: LoopConfig, work: Path, loss_fn: LossFn, evaluate: EvalFn, metric: str,
+         higher_is_better: bool, extra=None) -> FitResult:
     import torch
     from safetensors.torch import load_model, save_model
     from transformers import get_scheduler

@@ -385,3 +385,38 @@ def test_tail_draws_make_the_cached_forward_kl_unbiased(tmp_path):
     # The same seed draws the same ids; the cache key holds the draws.
     again = TopKTargets.build(teacher, blocks, directory=tmp_path / "t2", tail_samples=512, seed=0, **build)
     assert np.array_equal(again.tail_ids, tailed.tail_ids) and again.meta["key"]["tail_samples"] == 512
+
+
+def test_fused_activations_swap_gelu_new_for_the_same_function_and_put_it_back():
+    from transformers.activations import NewGELUActivation
+
+    from compress.anatomy import fused_activations
+
+    model = random_lm("gpt2", layers=2, seed=1).eval()
+    x = ids(batch=2, length=12)
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        with fused_activations(model, None):
+            assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+            during = model(input_ids=x).logits
+    assert all(isinstance(block.mlp.act, NewGELUActivation) for block in model.transformer.h)
+    assert torch.allclose(before, during, atol=1e-5) and not torch.equal(before, torch.zeros_like(before))
+
+
+def test_picked_log_softmax_reads_bf16_logits_and_gives_bf16_gradients():
+    from compress.tasks import lm_kd
+
+    g = torch.Generator().manual_seed(0)
+    z32 = torch.randn(150, 300, generator=g)  # more rows than one block (_ROWS), not a multiple of it
+    idx = torch.randint(0, 300, (150, 7), generator=g)
+    z = z32.bfloat16().requires_grad_()
+    got = lm_kd.picked_log_softmax(z, idx, 2.0)
+    assert got.dtype == torch.float32
+    ref_z = z.detach().float().requires_grad_()
+    ref = torch.log_softmax(ref_z / 2.0, -1).gather(-1, idx)
+    assert torch.allclose(got, ref, atol=1e-5)
+    weights = torch.randn(150, 7, generator=g)
+    (got * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert z.grad.dtype == torch.bfloat16
+    assert torch.allclose(z.grad.float(), ref_z.grad, atol=2e-2 * float(ref_z.grad.abs().max()))

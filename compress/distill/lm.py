@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from compress import distributed as dist
+from compress.anatomy import fused_activations
 from compress.artifacts import weights_size
 from compress.curves import loss_curve_svg
 from compress.distill.losses import layer_pairs, make_projections
@@ -192,7 +193,8 @@ def distill_causal_lm(cfg, task, out: Path, work: Path, device: str) -> Path:
     hook = teacher.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     selection = {"evaluate": task.validator(enc["validation"], cfg.eval_batch_size), "metric": task.primary_metric,
                  "higher_is_better": task.higher_is_better}
-    result = fit(student.model, train=train, cfg=cfg, work=work, loss_fn=loss, extra=projections, **selection)
+    with fused_activations(teacher if loss.needs_teacher_forward else None):  # the student's are fit's
+        result = fit(student.model, train=train, cfg=cfg, work=work, loss_fn=loss, extra=projections, **selection)
     hook.remove()
 
     def test_metrics(model):

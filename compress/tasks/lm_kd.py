@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from compress import distributed as dist
+from compress.anatomy import fused_activations
 from compress.errors import UserError
 from compress.hardware import autocast
 
@@ -86,15 +87,20 @@ def divergence(name: str, log_p, log_q, *, skew: float = 0.1, beta: float = 0.5)
     raise UserError(f"Unknown divergence '{name}'. Choose from {', '.join(DIVERGENCES)}.")
 
 
-def picked_log_softmax(z, idx):
-    """log_softmax(z)[..., idx] without materialising log_softmax: [..., m] for `idx` [..., m] (int64).
+def picked_log_softmax(z, idx, temperature: float = 1.0):
+    """log_softmax(z / temperature)[..., idx] without materialising log_softmax: [..., m] (float32 or wider).
 
     The KD and next-token losses need the student's log-probabilities at a few ids per
-    position (its target and the teacher's top k) and nothing else, but autograd through
-    logsumexp, gather and scatter writes several vocabulary-sized tensors per step. This
-    function's backward writes one: d/dz = scatter(g at idx) - softmax(z) * sum(g).
+    position (its target and the teacher's top k) and nothing else, but autograd through an
+    upcast, logsumexp, gather and scatter writes several vocabulary-sized tensors per step. This
+    function works through `z` ([..., vocab], any float dtype: the bf16 logits of autocast stay
+    bf16) a few rows at a time, in float32 while they sit in cache, and its backward writes one
+    tensor of z's dtype: d/dz = (scatter(g at idx) - softmax(z / T) * sum(g)) / T.
     """
-    return _picked_function().apply(z, idx)
+    return _picked_function().apply(z, idx, float(temperature))
+
+
+_ROWS = 64  # rows of a vocabulary-sized tensor per step: 64 x 8,192 float32 is 2 MB, one L2
 
 
 @functools.cache
@@ -103,16 +109,36 @@ def _picked_function():
 
     class PickedLogSoftmax(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, z, idx):
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        def forward(ctx, z, idx, temperature):
+            flat, flat_idx = z.reshape(-1, z.shape[-1]), idx.reshape(-1, idx.shape[-1])
+            work = torch.promote_types(z.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+            lse = torch.empty(flat.shape[0], 1, dtype=work, device=z.device)
+            out = torch.empty(flat_idx.shape, dtype=work, device=z.device)
+            for r in range(0, flat.shape[0], _ROWS):
+                rows = flat[r:r + _ROWS].to(work)  # a view when z is already `work`: nothing in place
+                if temperature != 1.0:
+                    rows = rows / temperature
+                torch.logsumexp(rows, dim=-1, keepdim=True, out=lse[r:r + _ROWS])
+                torch.sub(rows.gather(-1, flat_idx[r:r + _ROWS]), lse[r:r + _ROWS], out=out[r:r + _ROWS])
             ctx.save_for_backward(z, idx, lse)
-            return z.gather(-1, idx) - lse
+            ctx.temperature = temperature
+            return out.view(idx.shape)
 
         @staticmethod
         def backward(ctx, grad):
             z, idx, lse = ctx.saved_tensors
-            out = torch.sub(z, lse).exp_().mul_(-grad.sum(-1, keepdim=True))
-            return out.scatter_add_(-1, idx, grad), None
+            t = ctx.temperature
+            flat, flat_idx = z.reshape(-1, z.shape[-1]), idx.reshape(-1, idx.shape[-1])
+            g = grad.reshape(flat_idx.shape).to(lse.dtype) / t
+            neg_sum = -g.sum(-1, keepdim=True)
+            out = torch.empty_like(flat)
+            for r in range(0, flat.shape[0], _ROWS):
+                rows = flat[r:r + _ROWS].to(lse.dtype, copy=True)
+                if t != 1.0:
+                    rows = rows.div_(t)
+                rows.sub_(lse[r:r + _ROWS]).exp_().mul_(neg_sum[r:r + _ROWS])
+                out[r:r + _ROWS] = rows.scatter_add_(-1, flat_idx[r:r + _ROWS], g[r:r + _ROWS])
+            return out.view(z.shape), None, None
 
     return PickedLogSoftmax
 
@@ -135,7 +161,7 @@ def bucket_log_probs(student_logits, ids, temperature: float, target=None, extra
     """The student's log-probabilities over the k cached ids plus one rest bucket, exactly.
 
     Args:
-        student_logits: [b, t, vocab]; ids: [b, t, k] (int64).
+        student_logits: [b, t, vocab], any float dtype (read in float32); ids: [b, t, k] (int64).
         target: [b, t] next-token ids (int64) whose log-probability at temperature 1 is wanted
             too (for the cross-entropy); picked in the same pass when the temperature is 1.
         extra: [b, t, m] more ids (the cache's tail samples) whose log q at the temperature is wanted.
@@ -146,7 +172,7 @@ def bucket_log_probs(student_logits, ids, temperature: float, target=None, extra
     """
     import torch
 
-    z = student_logits.float()
+    z = student_logits
     k = ids.shape[-1]
     wanted = ids if extra is None else torch.cat([ids, extra], dim=-1)
     target_lp = None
@@ -156,7 +182,7 @@ def bucket_log_probs(student_logits, ids, temperature: float, target=None, extra
     else:
         if target is not None:
             target_lp = picked_log_softmax(z, target.unsqueeze(-1))[..., 0]
-        picked = picked_log_softmax(z / temperature if temperature != 1.0 else z, wanted)
+        picked = picked_log_softmax(z, wanted, temperature)
     top, extra_lp = picked[..., :k], (picked[..., k:] if extra is not None else None)
     return torch.cat([top, rest_log_mass(top)], dim=-1), target_lp, extra_lp
 
@@ -320,21 +346,17 @@ class TopKTargets:
 
         bar = tqdm(starts, desc="teacher top-k cache", unit="batch", disable=not (progress and dist.is_main()),
                    dynamic_ncols=True, mininterval=2.0)
-        with torch.inference_mode(), autocast(device.split(":")[0], precision):
+        with torch.inference_mode(), autocast(device.split(":")[0], precision), fused_activations(teacher):
             for s in bar:
                 x = torch.from_numpy(blocks[s:s + batch_size]).to(device)
-                z = teacher(input_ids=x).logits.float() / temperature
-                lse = torch.logsumexp(z, dim=-1, keepdim=True)
-                top, top_ids = z.topk(k, dim=-1)
-                top = top - lse
-                ids[s:s + len(x)] = top_ids.cpu().numpy().astype(ids_dtype)
-                logp[s:s + len(x)] = top.cpu().numpy().astype(np.float16)
-                # A teacher with all its mass on k ids has log(~0) here: floor it (exp -> 0).
-                rest[s:s + len(x)] = rest_log_mass(top)[..., 0].clamp_min(_FLOOR).cpu().numpy()
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + s) if tail_samples else None
+                scored = _score(teacher(input_ids=x).logits, k, temperature, tail_samples, generator)
+                ids[s:s + len(x)] = scored[0].cpu().numpy().astype(ids_dtype)
+                logp[s:s + len(x)] = scored[1].cpu().numpy().astype(np.float16)
+                rest[s:s + len(x)] = scored[2].cpu().numpy()
                 if tail_samples:
-                    draws = _draw_tail(z, top_ids, tail_samples, torch.Generator().manual_seed(seed * 1_000_003 + s))
-                    tail_ids[s:s + len(x)] = draws.cpu().numpy().astype(ids_dtype)
-                    tail_logp[s:s + len(x)] = (z.gather(-1, draws) - lse).cpu().numpy().astype(np.float16)
+                    tail_ids[s:s + len(x)] = scored[3].cpu().numpy().astype(ids_dtype)
+                    tail_logp[s:s + len(x)] = scored[4].cpu().numpy().astype(np.float16)
         for m in (ids, logp, rest) + ((tail_ids, tail_logp) if tail_samples else ()):
             m.flush()
         teacher.train(was_training)
@@ -351,15 +373,54 @@ class TopKTargets:
         return found
 
 
-def _draw_tail(z, top_ids, m: int, generator):
-    """[b, t, m] ids drawn with replacement from softmax(z) outside `top_ids` (the teacher's tail)."""
+def _score(logits, k: int, temperature: float, m: int, generator):
+    """What the cache keeps of [b, t, vocab] teacher logits at `temperature`, a few rows at a time.
+
+    Returns ([b, t, k] top ids, [b, t, k] their log-probabilities, [b, t] log of the mass left
+    over, and with m > 0: [b, t, m] ids drawn with replacement from the teacher's distribution
+    outside its top k, [b, t, m] their log-probabilities). Each block of rows is read once into
+    float32 and worked in place while it is in cache: top-k, exp, sum, then the draws by inverse
+    CDF; this is 3x faster than the same steps on the whole tensor (which are 3/4 of a pass on
+    the bf16 teacher otherwise).
+    """
     import torch
 
-    probs = torch.softmax(z, dim=-1).scatter_(-1, top_ids, 0.0)
-    flat = probs.view(-1, probs.shape[-1])
-    # A row with no mass left (k = the vocabulary, or a one-hot teacher): draw id 0, weight ~0.
-    flat[flat.sum(-1) <= 0, 0] = 1.0
-    return torch.multinomial(flat, m, replacement=True, generator=generator).view(*z.shape[:-1], m)
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = []
+    for r in range(0, flat.shape[0], _ROWS):
+        z = flat[r:r + _ROWS].float()  # a copy when the logits are bf16; in place is safe below either way
+        if temperature != 1.0:
+            z = z / temperature
+        top, top_ids = z.topk(k, dim=-1)
+        peak = top[:, :1]
+        e = z.sub_(peak).exp_()  # z is no longer needed as logits
+        lse = peak + e.sum(-1, keepdim=True).log_()
+        top = top - lse
+        # A teacher with all its mass on k ids has log(~0) here: floor it (exp -> 0).
+        row = [top_ids, top, rest_log_mass(top)[:, 0].clamp_min(_FLOOR)]
+        if m:
+            row += list(_draw_tail(e, top_ids, m, generator, peak - lse))
+        parts.append(row)
+    shape = logits.shape[:-1]
+    return [torch.cat(p).view(*shape, -1) if i != 2 else torch.cat(p).view(shape) for i, p in enumerate(zip(*parts))]
+
+
+def _draw_tail(e, top_ids, m: int, generator, offset):
+    """m ids per row drawn with replacement from the unnormalised probabilities `e` outside `top_ids`,
+    and their log-probabilities (log e + `offset`). `e` is overwritten."""
+    import torch
+
+    e.scatter_(-1, top_ids, 0.0)
+    cdf = torch.cumsum(e, -1)
+    total = cdf[:, -1:]
+    u = torch.rand(e.shape[0], m, generator=generator, dtype=cdf.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # rand * total may round up to total
+    # right=True: the first id whose cumulative mass exceeds u, so an id without mass (one of the
+    # top k) is never drawn. A row with no mass left (k = the vocabulary, or a one-hot teacher)
+    # draws the last id at the floor log-probability; its rest mass is ~0, so it weighs nothing.
+    draws = torch.searchsorted(cdf, u, right=True).clamp_max_(e.shape[-1] - 1)
+    logp = e.gather(-1, draws).log_().add_(offset).clamp_min_(_FLOOR)
+    return draws, logp
 
 
 # --------------------------------------------------------------------------- the loss
@@ -401,7 +462,7 @@ class LMDistillLoss:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=self.use_hidden)
-        logits = out.logits.float()
+        logits = out.logits  # bf16 under autocast: the cached path reads it in float32 a few rows at a time
         # Position i predicts token i + 1; the last position has no target (id 0, masked out).
         labels = batch["labels"]
         target = torch.cat([labels[:, 1:], torch.zeros_like(labels[:, :1])], dim=1)
@@ -417,6 +478,7 @@ class LMDistillLoss:
                                                         tail[0] if tail is not None else None)
         else:
             log_p = torch.log_softmax(t_out.logits.float() / s.temperature, dim=-1)
+            logits = logits.float()
             log_q = torch.log_softmax(logits / s.temperature, dim=-1)
             target_lp = (log_q if s.temperature == 1.0 else torch.log_softmax(logits, dim=-1)).gather(
                 -1, target.unsqueeze(-1))[..., 0]
