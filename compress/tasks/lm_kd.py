@@ -380,15 +380,15 @@ def _score(logits, k: int, temperature: float, m: int, generator):
     over, and with m > 0: [b, t, m] ids drawn with replacement from the teacher's distribution
     outside its top k, [b, t, m] their log-probabilities). Each block of rows is read once into
     float32 and worked in place while it is in cache: top-k, exp, sum, then the draws by inverse
-    CDF; this is 3x faster than the same steps on the whole tensor (which are 3/4 of a pass on
-    the bf16 teacher otherwise).
+    CDF. On the whole tensor the same steps took three times the bf16 teacher's forward; by
+    blocks they take about as long as it (0.076 against 0.22 s for 16 x 256 x 8,192 logits).
     """
     import torch
 
     flat = logits.reshape(-1, logits.shape[-1])
     parts = []
     for r in range(0, flat.shape[0], _ROWS):
-        z = flat[r:r + _ROWS].float()  # a copy when the logits are bf16; in place is safe below either way
+        z = flat[r:r + _ROWS].float()  # a view of float32 logits: the in-place steps below spend them
         if temperature != 1.0:
             z = z / temperature
         top, top_ids = z.topk(k, dim=-1)
@@ -402,7 +402,8 @@ def _score(logits, k: int, temperature: float, m: int, generator):
             row += list(_draw_tail(e, top_ids, m, generator, peak - lse))
         parts.append(row)
     shape = logits.shape[:-1]
-    return [torch.cat(p).view(*shape, -1) if i != 2 else torch.cat(p).view(shape) for i, p in enumerate(zip(*parts))]
+    joined = [torch.cat(p) for p in zip(*parts)]
+    return [x.view(shape) if x.dim() == 1 else x.view(*shape, -1) for x in joined]
 
 
 def _draw_tail(e, top_ids, m: int, generator, offset):
