@@ -6,7 +6,8 @@
     measured too, for reference.
 (b) distillation with logit KD into a 2-layer student copied from the teacher: compress (teacher
     logits cached in one pass before training, looked up per batch) vs the usual recipe, a Trainer
-    subclass whose compute_loss runs the teacher on every step.
+    subclass whose compute_loss runs the teacher on every step. One epoch, projected to three;
+    benchmarks/distill_throughput.py runs every epoch, and the quickstart's own student too.
 
 Both sides: the same first N training examples of rt-snippets (one epoch over them), batch size,
 max_length 128, padding to a multiple of 8, the same precision (bf16 autocast where the CPU has
@@ -206,8 +207,12 @@ def main() -> None:
         print("(b) logit distillation into a 2-layer student")
         teacher = fresh(teacher_dir).eval()
         t0 = time.perf_counter()
-        cache = TeacherCache(teacher, train, tokenizer.pad_token_id, batch_size=256, device="cpu",
-                             precision=precision).logits
+        from compress.distill import DistillConfig
+
+        defaults = DistillConfig.model_fields  # the cache pass as `compress distill` runs it
+        cache = TeacherCache(teacher, train, tokenizer.pad_token_id, batch_size=defaults["teacher_batch_size"].default,
+                             device="cpu", precision=resolve_precision(defaults["teacher_precision"].default,
+                                                                       "cpu")).logits
         cache_seconds = time.perf_counter() - t0
         loss = DistillLoss(teacher, cache, losses=["logits"], temperature=2.0, alpha=0.5, hidden_weight=0,
                            attention_weight=0, pairs=[(1, 1)])

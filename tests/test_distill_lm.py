@@ -387,16 +387,16 @@ def test_tail_draws_make_the_cached_forward_kl_unbiased(tmp_path):
     assert np.array_equal(again.tail_ids, tailed.tail_ids) and again.meta["key"]["tail_samples"] == 512
 
 
-def test_fused_activations_swap_gelu_new_for_the_same_function_and_put_it_back():
+def test_fast_kernels_swap_gelu_new_for_the_same_function_and_put_it_back():
     from transformers.activations import NewGELUActivation
 
-    from compress.anatomy import fused_activations
+    from compress.anatomy import fast_kernels
 
     model = random_lm("gpt2", layers=2, seed=1).eval()
     x = ids(batch=2, length=12)
     with torch.no_grad():
         before = model(input_ids=x).logits
-        with fused_activations(model, None):
+        with fast_kernels(model, None):
             assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
             during = model(input_ids=x).logits
     assert all(isinstance(block.mlp.act, NewGELUActivation) for block in model.transformer.h)

@@ -108,3 +108,60 @@ def test_kill_9_then_resume_finishes_with_valid_artifact(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["metrics"]["steps"] == 3 * 40  # 640 train examples / 16 per step, 3 epochs: nothing lost or repeated
     assert not work.exists()
+
+
+def test_fast_dropout_drops_at_rate_p_keeps_the_mean_and_masks_its_gradient():
+    import torch
+
+    from compress.anatomy import dropout_keep_mask, fast_kernels
+
+    keep, scale = dropout_keep_mask((1000, 1000), 0.1)
+    assert abs(float(keep.float().mean()) - 0.9) < 2e-3  # 1e6 draws: the std of the mean is 3e-4
+    assert abs(scale - 1 / 0.9) < 1e-4
+    # Every 16-bit slice of the 64-bit draws is used: the last column is not biased either.
+    assert abs(float(keep[:, -1].float().mean()) - 0.9) < 0.03
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.25), torch.nn.Dropout(0.0))
+    original = model[1]
+    with fast_kernels(model):
+        assert type(model[1]) is not torch.nn.Dropout and isinstance(model[1], torch.nn.Dropout)
+        assert model[2].p == 0.0 and type(model[2]) is torch.nn.Dropout  # nothing to speed up
+        x = torch.ones(4000, 500, requires_grad=True)
+        torch.manual_seed(3)
+        y = model[1](x)
+        torch.manual_seed(3)
+        assert torch.equal(model[1](x), y)  # the global seed makes the masks repeatable
+        assert abs(float((y == 0).float().mean()) - 0.25) < 2e-3
+        assert abs(float(y.mean()) - 1.0) < 5e-3  # inverted dropout: the mean is kept
+        y.sum().backward()
+        assert torch.equal(x.grad, y.detach())  # d/dx of x * mask * scale at x = 1
+        model.eval()
+        assert torch.equal(model[1](x), x)
+    assert model[1] is original and not original.training  # put back, in the state it was left in
+
+
+def test_fast_kernels_train_bert_sdpa_attention_through_its_eager_parent_and_put_it_back():
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+    from transformers.models.bert.modeling_bert import BertSdpaSelfAttention, BertSelfAttention
+
+    from compress.anatomy import fast_kernels
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     attn_implementation="sdpa")
+    model = BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(5, 100, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding: the mask prepared for SDPA must work in the eager path too
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        with fast_kernels(model):
+            attn = model.bert.encoder.layer[0].attention.self
+            assert type(attn) is BertSelfAttention and type(attn.dropout) is not torch.nn.Dropout
+            during = model(input_ids=ids, attention_mask=mask).logits
+            model.train()
+            assert model(input_ids=ids, attention_mask=mask).logits.shape == (3, 2)
+    assert torch.allclose(before, during, atol=1e-5)
+    assert all(type(layer.attention.self) is BertSdpaSelfAttention for layer in model.bert.encoder.layer)
+    assert type(model.bert.encoder.layer[0].attention.self.dropout) is torch.nn.Dropout

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -63,7 +65,8 @@ class DistillConfig(LoopConfig):
     augment: int = Field(0, ge=0, description="add this many perturbed copies of each training example (masked words, replaced words, short spans), labelled by the teacher (docs/distill.md)")
     baseline: bool = Field(True, description="also train the same student on hard labels only and report both")
     hidden_cache_gb: float = Field(4.0, ge=0, description="for the hidden loss, keep the teacher's hidden states of the mapped layers in memory (bf16) when they fit in this many GB, instead of running the teacher each step (0 = never)")
-    teacher_batch_size: int = Field(256, ge=1, description="examples per batch when caching the teacher's logits")
+    teacher_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="precision of the one teacher pass that caches its outputs (logits, hidden states, top-k): auto = bf16 where this CPU or GPU runs it fast (as --precision auto), else fp32; or fp32, bf16, fp16 (CUDA). Independent of the student's --precision: the targets are stored in bf16 or as log-probabilities anyway (docs/distill.md)")
+    teacher_batch_size: int = Field(64, ge=1, description="examples per batch when caching the teacher's outputs (length-sorted, so nearly unpadded; larger batches ran slower on 2-core CPUs: docs/distill.md)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     epochs: int = Field(3, ge=1, description="passes over the training split")
 
@@ -262,6 +265,7 @@ def _distill_classifier(cfg: DistillConfig, task, out: Path, work: Path, device:
             print(f"augmented the training split: {len(s_enc['train'])} -> {len(train)} examples")
 
     precision = resolve_precision(cfg.precision, device.split(":")[0])
+    cache_precision = resolve_precision(cfg.teacher_precision, device.split(":")[0])
     pad_id = s_tok.pad_token_id
     calls = {"n": 0}
     teacher.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
@@ -274,13 +278,17 @@ def _distill_classifier(cfg: DistillConfig, task, out: Path, work: Path, device:
             print(f"teacher hidden states need {need / 1e9:.1f} GB > --hidden-cache-gb {cfg.hidden_cache_gb}: "
                   "the teacher runs on every step instead")
         cache_layers = []
-    cache = None
+    cache, cache_stats = None, None
     if "logits" in cfg.losses or cache_layers or cfg.augment:
         if dist.is_main():
             print(f"caching teacher outputs for {len(train)} training examples"
-                  + (f" (logits, hidden states of layers {cache_layers})" if cache_layers else " (logits)"))
+                  + (f" (logits, hidden states of layers {cache_layers})" if cache_layers else " (logits)")
+                  + f", {cache_precision}")
+        t0 = time.perf_counter()
         cache = TeacherCache(teacher, train, pad_id, layers=cache_layers, batch_size=cfg.teacher_batch_size,
-                             device=device, precision=precision, teacher_ids=teacher_ids)
+                             device=device, precision=cache_precision, teacher_ids=teacher_ids)
+        cache_stats = {"precision": cache_precision, "seconds": round(time.perf_counter() - t0, 2),
+                       "examples": len(train), "hidden_layers": cache_layers}
     cache_calls = calls["n"]
     if cfg.augment:
         # A perturbed copy may no longer carry its source's label: train it toward the teacher's.
@@ -343,6 +351,7 @@ def _distill_classifier(cfg: DistillConfig, task, out: Path, work: Path, device:
                             "steps": baseline.steps} if baseline else None,
                   student={"kind": student.kind, "teacher_layers": student.layers, "layer_pairs": pairs},
                   vocab=vocab_stats, heads=head_stats, ffn=ffn_stats, teacher_forward_calls={"cache": cache_calls, "training": train_calls},
+                  teacher_cache=cache_stats,
                   data={"source": data.source, "fingerprint": data.fingerprint, "counts": data.counts,
                         "augmented_train_examples": len(train) if cfg.augment else None},
                   history=result.history)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from compress import distributed as dist
-from compress.anatomy import fused_activations
+from compress.anatomy import fast_kernels
 from compress.artifacts import weights_size
 from compress.curves import loss_curve_svg
 from compress.distill.losses import layer_pairs, make_projections
@@ -164,6 +164,7 @@ def distill_causal_lm(cfg, task, out: Path, work: Path, device: str) -> Path:
     prepare_work_dir(work, cfg.resume, cfg.force)  # after every check above: bad input leaves nothing behind
     baseline_model = copy.deepcopy(student.model) if cfg.baseline else None
     precision = resolve_precision(cfg.precision, device.split(":")[0])
+    cache_precision = resolve_precision(cfg.teacher_precision, device.split(":")[0])
 
     targets, cache = None, None
     if divergences and not cfg.teacher_online:
@@ -173,7 +174,7 @@ def distill_causal_lm(cfg, task, out: Path, work: Path, device: str) -> Path:
         t0 = time.perf_counter()
         targets = task.teacher_targets(teacher, train, top_k=cfg.top_k, temperature=temperature,
                                        batch_size=window_batch(cfg.teacher_batch_size, train.blocks.shape[1], vocab),
-                                       device=device, precision=precision,
+                                       device=device, precision=cache_precision,
                                        directory=work / "teacher_topk", progress=cfg.progress,
                                        tail_samples=tail_samples, seed=cfg.seed,
                                        key={"teacher": str(Path(cfg.teacher).resolve()),
@@ -182,7 +183,7 @@ def distill_causal_lm(cfg, task, out: Path, work: Path, device: str) -> Path:
                  "bytes_per_position": round(targets.bytes_on_disk / train.blocks.size, 1),
                  "seconds": round(targets.meta.get("seconds", time.perf_counter() - t0), 2),
                  "mean_rest_mass": targets.meta.get("mean_rest_mass"), "temperature": temperature,
-                 "tail_samples": targets.tail_samples}
+                 "tail_samples": targets.tail_samples, "precision": cache_precision}
     settings = LMDistillSettings(divergences=divergences, temperature=temperature, alpha=cfg.alpha, skew=cfg.skew,
                                  beta=cfg.jsd_beta, hidden_weight=hidden_weight, pairs=pairs)
     projections = (make_projections(pairs, student.model.config.hidden_size, teacher.config.hidden_size)
@@ -193,7 +194,7 @@ def distill_causal_lm(cfg, task, out: Path, work: Path, device: str) -> Path:
     hook = teacher.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     selection = {"evaluate": task.validator(enc["validation"], cfg.eval_batch_size), "metric": task.primary_metric,
                  "higher_is_better": task.higher_is_better}
-    with fused_activations(teacher if loss.needs_teacher_forward else None):  # the student's are fit's
+    with fast_kernels(teacher if loss.needs_teacher_forward else None):  # the student's are fit's
         result = fit(student.model, train=train, cfg=cfg, work=work, loss_fn=loss, extra=projections, **selection)
     hook.remove()
 

@@ -132,11 +132,18 @@ class TeacherCache:
         from compress.hardware import autocast
 
         self.layers = sorted(set(layers))
-        self.rows: dict[int, list] = {t: [None] * len(split) for t in self.layers}
+        # Hidden states of layer t: one (real tokens, hidden) bf16 tensor, example i's tokens at
+        # rows offsets[i] .. offsets[i] + lengths[i] (no padding stored, one gather per batch).
+        self.lengths = np.asarray(split.lengths, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        self.states: dict[int, Any] = {
+            t: torch.empty(int(self.lengths.sum()), teacher.config.hidden_size, dtype=torch.bfloat16)
+            for t in self.layers}
         self.logits = np.zeros((len(split), teacher.config.num_labels), dtype=np.float32)
         ids_map = torch.from_numpy(teacher_ids) if teacher_ids is not None else None
         teacher.to(device).eval()
-        # Length-sorted batches: almost no padding, so large batches cost little.
+        # Length-sorted batches: almost no padding. Batches of 64 ran faster than 256 on 2 cores
+        # (the activations stay in cache): 6.1 s against 10.4 s for 1,280 rt-snippets in fp32.
         with torch.inference_mode(), autocast(device.split(":")[0], precision):
             for idx in bucketed_batches(split.lengths, batch_size, shuffle=False):
                 b = collate(split, idx, pad_id)
@@ -145,10 +152,20 @@ class TeacherCache:
                 out = teacher(**{k: v.to(device) for k, v in b.items() if k in MODEL_INPUTS},
                               output_hidden_states=bool(self.layers))
                 self.logits[idx] = out.logits.float().cpu().numpy()
-                for t in self.layers:
-                    h = out.hidden_states[t].to("cpu", torch.bfloat16)
-                    for row, i in enumerate(idx):
-                        self.rows[t][i] = h[row, :split.lengths[i]].clone()
+                if self.layers:
+                    rows, where = self._positions(idx, b["input_ids"].shape[1])
+                    for t in self.layers:
+                        h = out.hidden_states[t].to("cpu", torch.bfloat16)
+                        self.states[t][rows] = h[where]
+
+    def _positions(self, index, width: int):
+        """Flat rows of the examples `index` and the (batch, width) mask of their real tokens."""
+        import torch
+
+        lengths = self.lengths[np.asarray(index)]
+        where = np.arange(width)[None, :] < lengths[:, None]
+        rows = (self.offsets[np.asarray(index)][:, None] + np.arange(width)[None, :])[where]
+        return torch.from_numpy(rows), torch.from_numpy(where)
 
     @staticmethod
     def hidden_bytes(split, hidden: int, n_layers: int) -> int:
@@ -158,10 +175,10 @@ class TeacherCache:
         """(batch, width, hidden) teacher states of `layer` for the examples `index`, zero-padded."""
         import torch
 
-        rows = [self.rows[layer][int(i)] for i in index]
-        out = torch.zeros(len(rows), width, rows[0].shape[-1], dtype=torch.bfloat16)
-        for r, h in enumerate(rows):
-            out[r, :h.shape[0]] = h
+        rows, where = self._positions(index, width)
+        states = self.states[layer]
+        out = torch.zeros(len(where), width, states.shape[-1], dtype=states.dtype)
+        out[where] = states[rows]
         return out.to(device)
 
 

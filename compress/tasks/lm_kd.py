@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from compress import distributed as dist
-from compress.anatomy import fused_activations
+from compress.anatomy import fast_kernels
 from compress.errors import UserError
 from compress.hardware import autocast
 
@@ -346,7 +346,7 @@ class TopKTargets:
 
         bar = tqdm(starts, desc="teacher top-k cache", unit="batch", disable=not (progress and dist.is_main()),
                    dynamic_ncols=True, mininterval=2.0)
-        with torch.inference_mode(), autocast(device.split(":")[0], precision), fused_activations(teacher):
+        with torch.inference_mode(), autocast(device.split(":")[0], precision), fast_kernels(teacher):
             for s in bar:
                 x = torch.from_numpy(blocks[s:s + batch_size]).to(device)
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + s) if tail_samples else None
