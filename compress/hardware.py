@@ -97,8 +97,9 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """'auto' -> bf16 where the hardware runs it fast, else fp32; fp16 only on CUDA."""
+def resolve_precision(precision: str, device: str, flag: str = "--precision") -> str:
+    """'auto' -> bf16 where the hardware runs it fast, else fp32; fp16 only on CUDA (`flag` names
+    the option in the message)."""
     import torch
 
     if precision == "auto":
@@ -106,7 +107,8 @@ def resolve_precision(precision: str, device: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if has_fast_bf16_cpu() else "fp32"
     if precision == "fp16" and device != "cuda":
-        raise UserError("fp16 training needs a CUDA GPU; on the CPU use fp32, or bf16 (--precision auto picks bf16 where this CPU runs it faster).")
+        raise UserError(f"{flag} fp16 needs a CUDA GPU; on the CPU use fp32, or bf16 ({flag} auto picks bf16 where "
+                        "this CPU runs it faster).")
     return precision
 
 

@@ -118,6 +118,9 @@ CASES = [
          "'{d}/somefile' is a file", out="{d}/somefile/s"),
     Case("distill: --out exists", ["distill", "--teacher", "{teacher}", "--out", "{d}/existing"], 2, "already exists",
          out="{d}/existing"),
+    Case("distill: --teacher-precision fp16 on the CPU", ["distill", "--teacher", "{teacher}", "--teacher-precision",
+                                                           "fp16", "--out", "{out}"], 2,
+         ("--teacher-precision fp16", "CUDA")),
     Case("distill: student deeper than the teacher", ["distill", "--teacher", "{teacher}", "--student", "layers=9",
                                                        "--out", "{out}"], 2, "layers"),
     # distill, causal LMs ({lm}: a tiny trained GPT-2 with 2 layers and 1000 token ids)
@@ -364,6 +367,8 @@ def test_bad_input(case, scene, tiny_teacher, tiny_csv_dir, tiny_lm, tmp_path, c
     assert _tree(scene, tiny_teacher, tiny_csv_dir, tiny_lm) == before, "a file the user had was changed"
     if not str(out).startswith(str(scene)) or str(out) not in before:
         assert not out.exists() and not out.is_symlink(), f"{out} was left behind"
+        work = out.with_name(out.name + ".work")
+        assert not work.exists(), f"{work} was left behind"
     assert not (scene / "pwned").exists()
 
 

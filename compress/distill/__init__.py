@@ -239,6 +239,8 @@ def _distill_classifier(cfg: DistillConfig, task, out: Path, work: Path, device:
     if cfg.prune_ffn:
         ffn_stats = prune_ffn(student.model, cfg.prune_ffn, sample_batches())
         say_pruned("feed-forward units", ffn_stats["width_before"], ffn_stats["width_after"], ffn_stats)
+    precision = resolve_precision(cfg.precision, device.split(":")[0])  # fp16 on a CPU is refused here
+    cache_precision = resolve_precision(cfg.teacher_precision, device.split(":")[0], "--teacher-precision")
     prepare_work_dir(work, cfg.resume, cfg.force)  # after the checks above: bad input leaves nothing behind
     if cfg.prune_vocab:
         size_before, emb_before = _saved_size(student.model), student.model.get_input_embeddings().weight.numel()
@@ -264,8 +266,6 @@ def _distill_classifier(cfg: DistillConfig, task, out: Path, work: Path, device:
         if dist.is_main():
             print(f"augmented the training split: {len(s_enc['train'])} -> {len(train)} examples")
 
-    precision = resolve_precision(cfg.precision, device.split(":")[0])
-    cache_precision = resolve_precision(cfg.teacher_precision, device.split(":")[0])
     pad_id = s_tok.pad_token_id
     calls = {"n": 0}
     teacher.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))

@@ -161,10 +161,10 @@ def distill_causal_lm(cfg, task, out: Path, work: Path, device: str) -> Path:
                 if st:
                     print(f"{what} pruned: {st[a]} -> {st[b]} per layer (ranked on {n_rank} training blocks); "
                           f"{st['params_before'] / 1e6:.2f} M -> {st['params_after'] / 1e6:.2f} M params")
+    precision = resolve_precision(cfg.precision, device.split(":")[0])  # fp16 on a CPU is refused here
+    cache_precision = resolve_precision(cfg.teacher_precision, device.split(":")[0], "--teacher-precision")
     prepare_work_dir(work, cfg.resume, cfg.force)  # after every check above: bad input leaves nothing behind
     baseline_model = copy.deepcopy(student.model) if cfg.baseline else None
-    precision = resolve_precision(cfg.precision, device.split(":")[0])
-    cache_precision = resolve_precision(cfg.teacher_precision, device.split(":")[0])
 
     targets, cache = None, None
     if divergences and not cfg.teacher_online:
