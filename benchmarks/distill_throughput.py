@@ -30,6 +30,7 @@ Writes benchmarks/results/distill_throughput{--tag}.json and .md (rendered from 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -58,8 +59,6 @@ class Student:
     """One student, built once; `fresh()` hands out copies with the same initial weights."""
 
     def __init__(self, name: str, teacher, t_tok, data, t_enc):
-        import copy
-
         from compress.data import encode, iterate
         from compress.distill.losses import layer_pairs
         from compress.distill.prune_ffn import prune_ffn
@@ -93,16 +92,13 @@ class Student:
         self.layers = layers
         self._model = model
         self.params = sum(p.numel() for p in model.parameters())
-        self.copy = copy.deepcopy
 
     def fresh(self):
-        return self.copy(self._model).train()
+        return copy.deepcopy(self._model).train()
 
 
 def subset(split, n: int):
     """The first n examples of an EncodedSplit, as a new EncodedSplit."""
-    import copy
-
     out = copy.copy(split)
     out.input_ids = split.input_ids[:n]
     out.token_type_ids = split.token_type_ids[:n] if split.token_type_ids is not None else None
@@ -139,8 +135,7 @@ def run_compress(teacher, student: Student, n: int, epochs: int, precision: str)
                      metric=task.primary_metric, higher_is_better=True)
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "cache_seconds": cache_seconds, "samples_per_s": n * epochs / seconds,
-            "loop_seconds_per_epoch": result.seconds_per_epoch, "steps": result.steps,
-            "final_train_loss": result.history[-1].get("train_loss") if result.history else None}
+            "loop_seconds_per_epoch": result.seconds_per_epoch, "steps": result.steps}
 
 
 def run_trainer(teacher, student: Student, n: int, epochs: int, precision: str) -> dict:

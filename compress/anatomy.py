@@ -198,7 +198,7 @@ def _tanh_gelu():
     return TanhGELU
 
 
-def dropout_keep_mask(shape, p: float, device=None, generator=None):
+def dropout_keep_mask(shape, p: float, device=None):
     """(mask, scale) for dropout with drop probability `p`, from 16 random bits per element.
 
     An element is dropped when its 16-bit draw falls below round(p * 65536), so the drop
@@ -212,8 +212,7 @@ def dropout_keep_mask(shape, p: float, device=None, generator=None):
 
     n = math.prod(shape)
     cut = round(p * 65536)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None,
-                                                                             generator=generator)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
     keep = bits.view(torch.int16)[:n].view(shape) >= cut - 32768
     return keep, 65536 / (65536 - cut)
 

@@ -162,9 +162,9 @@ class TeacherCache:
         """Flat rows of the examples `index` and the (batch, width) mask of their real tokens."""
         import torch
 
-        lengths = self.lengths[np.asarray(index)]
-        where = np.arange(width)[None, :] < lengths[:, None]
-        rows = (self.offsets[np.asarray(index)][:, None] + np.arange(width)[None, :])[where]
+        index, positions = np.asarray(index), np.arange(width)[None, :]
+        where = positions < self.lengths[index][:, None]
+        rows = (self.offsets[index][:, None] + positions)[where]
         return torch.from_numpy(rows), torch.from_numpy(where)
 
     @staticmethod
