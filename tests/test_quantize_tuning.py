@@ -2,7 +2,10 @@
 
 The fixture plants an outlier row (weights of 40) in layer 0's intermediate dense layer and
 zeroes the matching column of the next layer, so the fp32 function is unchanged, but a
-per-tensor int8 scale for that layer rounds every ordinary weight to zero. The head is
+per-tensor int8 scale for that layer rounds every ordinary weight to zero. The row's bias of
+-1e5 keeps its GELU output at 0: otherwise the next layer's input would carry an activation
+outlier that breaks its own dynamic int8 scale too, by an amount that varies from one run of
+the (thread-nondeterministic) tiny teacher to the next. The head is
 re-centred and the data relabelled with the fp32 model's own predictions (fp32 accuracy
 100%), so every prediction int8 flips is a lost accuracy point.
 """
@@ -32,6 +35,7 @@ def sensitive(tiny_teacher, tmp_path_factory):
     with torch.no_grad():
         model.bert.encoder.layer[0].output.dense.weight[:, 0] = 0
         model.get_submodule(BROKEN).weight[0, :] = 40.0
+        model.get_submodule(BROKEN).bias[0] = -1e5
     model.save_pretrained(model_dir)
     load_tokenizer(tiny_teacher).save_pretrained(model_dir)
     data = load_data(DataConfig(max_examples=100))
